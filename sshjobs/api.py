@@ -1,0 +1,299 @@
+"""The API: a Cluster of connected hosts and their workers, and the sync wrappers."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from typing import Any, Callable, Iterable
+
+from . import remote
+from .connection import ConnectError, HostLink
+from .inventory import Host, Inventory
+from .log import get_logger
+from .result import Result, failure
+from .scheduler import MapRun, PickleFailure, least_loaded, make_results, pickle_function, worker_failure
+from .worker import Worker, WorkerError, dumps
+
+log = get_logger("sshjobs.api")
+
+MAX_START_FAILURES = 3  # consecutive worker start failures before a host is given up
+
+
+class HostState:
+    """One host within a Cluster: its connections, workers, and why it is unusable if it is."""
+
+    def __init__(self, host: Host, index: int):
+        self.host = host
+        self.index = index
+        self.link: HostLink | None = None
+        self.error: tuple[str, str] | None = None  # (type, message)
+        self.workers: list[Worker | None] = []
+        self.nslots = 1
+        self.starting: dict[int, asyncio.Task] = {}
+        self.start_failures = 0
+        self.loads = None  # the results' unpickler; None = pickle.loads
+        self.python = host.python
+        self.env: dict[str, str] = {}
+        self.hello: dict = {}
+        self.connect_time: float | None = None
+        self.start_time: float | None = None
+
+    @property
+    def name(self) -> str:
+        return self.host.name
+
+    @property
+    def usable(self) -> bool:
+        return self.error is None and self.link is not None
+
+    def fail(self, kind: str, message: str) -> None:
+        if self.error is None:
+            self.error = (kind, message)
+            log.warning("host failed", host=self.name, error=kind, detail=message)
+
+    def failure(self, job: int = 0) -> Result:
+        kind, message = self.error or ("NotConnected", f"{self.host.target}: not connected")
+        return failure(self.name, kind, message, job=job)
+
+
+class Cluster:
+    """Connections and workers on every host of an inventory, for many calls.
+
+    ``async with inventory.connect() as cluster:`` then ``await cluster.gather(fn)``,
+    ``await cluster.map(fn, items)``, ``await cluster.submit(fn, *args)``.
+    """
+
+    def __init__(self, inventory: Inventory, *, connect_concurrency: int = 64,
+                 start_timeout: float = 60.0, on_output: Callable | None = None):
+        self.inventory = inventory
+        self.states = [HostState(h, i) for i, h in enumerate(inventory.hosts)]
+        self.connect_concurrency = connect_concurrency
+        self.start_timeout = start_timeout
+        self.on_output = on_output
+        self._started = False
+        self._closed = False
+        self._slots_task: asyncio.Task | None = None
+
+    # -- lifecycle ----------------------------------------------------------------
+    async def __aenter__(self) -> "Cluster":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def start(self) -> "Cluster":
+        """Connect to every host (bounded concurrency) and start one worker on each."""
+        if self._started:
+            return self
+        self._started = True
+        sem = asyncio.Semaphore(self.connect_concurrency)
+        await asyncio.gather(*(self._open(state, sem) for state in self.states))
+        return self
+
+    async def _open(self, state: HostState, sem: asyncio.Semaphore) -> None:
+        t0 = time.perf_counter()
+        async with sem:
+            try:
+                state.link = await HostLink.open(state.host)
+            except ConnectError as exc:
+                state.fail(exc.kind, exc.message)
+                return
+        state.connect_time = time.perf_counter() - t0
+        worker = await self.worker_for(state, 0)
+        if worker is not None:
+            state.hello = worker.hello
+            slots = state.host.slots
+            state.nslots = (worker.hello.get("cpus") or 1) if slots == "auto" else int(slots)
+
+    async def close(self) -> None:
+        """Stop every worker (end of input makes each exit) and close the connections."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._slots_task:
+            self._slots_task.cancel()
+        workers = [w for s in self.states for w in s.workers if w is not None]
+        for w in workers:
+            w.close()
+        if workers:
+            await asyncio.wait([asyncio.ensure_future(w.wait_closed()) for w in workers], timeout=2)
+        for s in self.states:
+            if s.link:
+                s.link.close()
+        await asyncio.gather(*(s.link.wait_closed() for s in self.states if s.link), return_exceptions=True)
+
+    # -- workers ------------------------------------------------------------------
+    async def worker_for(self, state: HostState, slot: int) -> Worker | None:
+        """The live worker of a slot, started (again) if needed; None if the host is unusable."""
+        if not state.usable or self._closed:
+            return None
+        while len(state.workers) <= slot:
+            state.workers.append(None)
+        worker = state.workers[slot]
+        if worker is not None and worker.alive:
+            return worker
+        task = state.starting.get(slot)
+        if task is None:
+            task = state.starting[slot] = asyncio.ensure_future(self._start_worker(state, slot))
+            task.add_done_callback(lambda _t: state.starting.pop(slot, None))
+        return await asyncio.shield(task)
+
+    async def _start_worker(self, state: HostState, slot: int) -> Worker | None:
+        while state.usable:
+            t0 = time.perf_counter()
+            worker = Worker(state.link, python=state.python, env=state.env, slots=state.host.slots,
+                            on_output=self.on_output)
+            try:
+                await worker.start(self.start_timeout)
+            except WorkerError as exc:
+                state.start_failures += 1
+                if exc.kind in ("PythonMismatch", "WorkerStartError", "HostLost") or \
+                        state.start_failures >= MAX_START_FAILURES:
+                    state.fail(exc.kind, exc.message)
+                    return None
+                continue
+            state.start_failures = 0
+            worker.state = state
+            state.start_time = time.perf_counter() - t0
+            state.workers[slot] = worker
+            return worker
+        return None
+
+    async def replace_worker(self, state: HostState, slot: int, worker: Worker) -> None:
+        """Kill a worker (its job overran or is cancelled); the slot gets a new one on demand."""
+        worker.kill()
+        if slot < len(state.workers) and state.workers[slot] is worker:
+            state.workers[slot] = None
+
+    def slots(self) -> list[tuple[HostState, int]]:
+        return [(s, i) for s in self.states if s.usable for i in range(s.nslots)]
+
+    def live_workers(self) -> list[Worker]:
+        return [w for s in self.states if s.usable for w in s.workers if w is not None and w.alive]
+
+    async def ensure_slots(self) -> None:
+        """Start every slot's worker (the first per host starts with the connection)."""
+        await self.start()
+        await asyncio.gather(*(self.worker_for(s, i) for s, i in self.slots()))
+
+    @property
+    def hosts(self) -> list[HostState]:
+        return self.states
+
+    # -- jobs ---------------------------------------------------------------------
+    async def gather(self, fn: Callable, /, *args: Any, timeout: float | None = None, **kwargs: Any) -> list[Result]:
+        """``fn(*args, **kwargs)`` once on every host; Results in inventory order.
+
+        ``timeout`` is sshjobs' own (seconds per job); every other keyword goes to ``fn``.
+        """
+        await self.start()
+        try:
+            fn_bytes = pickle_function(fn)
+            dumps((args, kwargs))
+        except PickleFailure as exc:
+            return [failure(s.name, "PicklingError", exc.message, job=s.index) for s in self.states]
+        except Exception as exc:
+            msg = f"cannot pickle the arguments: {type(exc).__name__}: {exc}"
+            return [failure(s.name, "PicklingError", msg, job=s.index) for s in self.states]
+        return list(await asyncio.gather(
+            *(self._call(s, 0, fn, fn_bytes, args, kwargs, s.index, timeout) for s in self.states)))
+
+    async def _call(self, state: HostState, slot: int, fn: Callable, fn_bytes: bytes, args: tuple,
+                    kwargs: dict, index: int, timeout: float | None) -> Result:
+        worker = await self.worker_for(state, slot)
+        if worker is None:
+            return state.failure(index)
+        try:
+            fut = worker.send(remote.CALL, fn_bytes, (args, kwargs))
+            raw, outputs = await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            await self.replace_worker(state, slot, worker)
+            return failure(state.name, "Timeout", f"the job did not finish within {timeout:g}s", job=index)
+        except Exception as exc:
+            return worker_failure(worker, state.name, exc, index)
+        return make_results(worker, raw, outputs, [index], 1, state.loads, fn)[0]
+
+    async def map(self, fn: Callable, iterable: Iterable, /, *, chunksize: int | None = None,
+                  timeout: float | None = None, retries: int = 0) -> list[Result]:
+        """``fn(item)`` for each item, spread over every slot of every host; Results in input order.
+
+        ``retries``: how many more times a job whose worker or host was lost is tried (on any host).
+        """
+        items = list(iterable)
+        await self.ensure_slots()
+        try:
+            fn_bytes = pickle_function(fn)
+        except PickleFailure as exc:
+            return [failure("-", "PicklingError", exc.message, job=i) for i in range(len(items))]
+        run = MapRun(self, fn, fn_bytes, items, chunksize=chunksize, timeout=timeout, retries=retries)
+        dead = next((s for s in self.states if s.error), None)
+        if dead is not None:
+            run.last_error = dead.failure()
+        return await run.run()
+
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> "asyncio.Future[Result]":
+        """Run ``fn(*args, **kwargs)`` on the least-loaded worker; returns an awaitable Result."""
+        loop = asyncio.get_running_loop()
+        out: asyncio.Future = loop.create_future()
+        try:
+            fn_bytes = pickle_function(fn)
+        except PickleFailure as exc:
+            out.set_result(failure("-", "PicklingError", exc.message))
+            return out
+        worker = least_loaded(self.live_workers()) if self._started else None
+        if self._slots_task is None:
+            self._slots_task = asyncio.ensure_future(self.ensure_slots())
+        if worker is None:
+            return asyncio.ensure_future(self._submit_later(fn, fn_bytes, args, kwargs))
+        self._send_call(worker, fn, fn_bytes, args, kwargs, out)
+        return out
+
+    async def _submit_later(self, fn: Callable, fn_bytes: bytes, args: tuple, kwargs: dict) -> Result:
+        await self.start()
+        worker = least_loaded(self.live_workers())
+        if worker is None:
+            dead = next((s for s in self.states if s.error), None)
+            return dead.failure() if dead else failure("-", "NoHosts", "no host is available")
+        out = asyncio.get_running_loop().create_future()
+        self._send_call(worker, fn, fn_bytes, args, kwargs, out)
+        return await out
+
+    def _send_call(self, worker: Worker, fn: Callable, fn_bytes: bytes, args: tuple, kwargs: dict, out: asyncio.Future) -> None:
+        try:
+            raw = worker.send(remote.CALL, fn_bytes, (args, kwargs))
+        except Exception as exc:
+            out.set_result(failure(worker.host.name, "PicklingError",
+                                   f"cannot pickle the arguments: {type(exc).__name__}: {exc}"))
+            return
+        loads = worker.state.loads
+
+        def done(f: asyncio.Future) -> None:
+            if out.done():
+                return
+            if f.cancelled():
+                out.cancel()
+            elif f.exception() is not None:
+                out.set_result(worker_failure(worker, worker.host.name, f.exception(), 0))
+            else:
+                raw_body, outputs = f.result()
+                out.set_result(make_results(worker, raw_body, outputs, [0], 1, loads, fn)[0])
+
+        raw.add_done_callback(done)
+
+
+def run_sync(inventory: Inventory, method: str, *args: Any, **kwargs: Any) -> Any:
+    """Run one Cluster call from synchronous code (also inside a running event loop)."""
+
+    async def go():
+        async with Cluster(inventory) as cluster:
+            return await getattr(cluster, method)(*args, **kwargs)
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(go())
+    # Called from a running loop (a notebook, say): run in a thread of its own.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, go()).result()

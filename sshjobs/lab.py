@@ -1,0 +1,279 @@
+"""A local lab of real OpenSSH servers: the test fleet and the demo's hosts.
+
+Run as root, host i is its own sshd on 127.0.<subnet>.i port 22 and lets in only its own
+non-root Unix user (created by the lab), so each "host" has its own home and caches.
+Run as another user, every host is an sshd on 127.0.0.1 with its own port, all logging
+in the current user, each with its own workdir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncssh
+
+SSHD = "/usr/sbin/sshd"
+BLAS_ENV = "OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1"
+
+
+class LabError(RuntimeError):
+    pass
+
+
+@dataclass
+class LabHost:
+    name: str
+    address: str
+    port: int
+    user: str
+    workdir: str
+    pid: int | None = None
+
+
+def _write_key(path: Path, key) -> None:
+    path.write_bytes(key.export_private_key("openssh"))
+    path.chmod(0o600)
+
+
+def _free_port(address: str) -> int:
+    with socket.socket() as s:
+        s.bind((address, 0))
+        return s.getsockname()[1]
+
+
+def _ensure_user(name: str) -> None:
+    if subprocess.run(["id", "-u", name], capture_output=True).returncode != 0:
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", name], check=True, capture_output=True)
+    # useradd leaves the account locked ("account is locked"), which sshd refuses.
+    subprocess.run(["usermod", "-p", "*", name], check=True, capture_output=True)
+
+
+def _install_key(user: str, public_key: bytes) -> None:
+    import pwd
+
+    pw = pwd.getpwnam(user)
+    ssh = Path(pw.pw_dir) / ".ssh"
+    ssh.mkdir(mode=0o700, exist_ok=True)
+    keys = ssh / "authorized_keys"
+    keys.write_bytes(public_key)
+    for p in (ssh, keys):
+        os.chown(p, pw.pw_uid, pw.pw_gid)
+    keys.chmod(0o600)
+
+
+class Lab:
+    """``Lab(10).up()`` ... ``lab.down()``, or ``with Lab(10) as lab:``.
+
+    ``lab.inventory_path`` is a ready inventory (TOML) with the hosts, the lab's client key
+    and a known_hosts file holding every server's host key.
+    """
+
+    def __init__(self, hosts: int = 10, directory: str | os.PathLike | None = None, *, subnet: int = 1,
+                 prefix: str = "sshjobs-lab", inventory_path: str | os.PathLike | None = None,
+                 sshd_options: dict | None = None, slots: int = 1):
+        if not 1 <= hosts <= 250:
+            raise LabError("a lab has 1 to 250 hosts")
+        self.n = hosts
+        self.dir = Path(directory or ".lab").resolve()
+        self.subnet = subnet
+        self.prefix = prefix
+        self.root = os.geteuid() == 0
+        self.inventory_path = Path(inventory_path or self.dir / "hosts.toml").resolve()
+        self.sshd_options = sshd_options or {}
+        self.slots = slots
+        self.hosts: list[LabHost] = []
+        self.procs: list[subprocess.Popen] = []
+
+    @property
+    def identity(self) -> Path:
+        return self.dir / "id_ed25519"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.dir / "known_hosts"
+
+    def __enter__(self) -> "Lab":
+        return self.up()
+
+    def __exit__(self, *exc) -> None:
+        self.down()
+
+    def up(self, timeout: float = 20.0) -> "Lab":
+        if not os.path.exists(SSHD):
+            raise LabError(f"{SSHD} not found: install openssh-server (apt-get install openssh-server)")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.chmod(0o755)  # lab users read authorized_keys from here
+        if self.root:
+            Path("/run/sshd").mkdir(parents=True, exist_ok=True)
+        if not self.identity.exists():
+            _write_key(self.identity, asyncssh.generate_private_key("ssh-ed25519"))
+        client = asyncssh.read_private_key(str(self.identity))
+        auth = self.dir / "authorized_keys"
+        auth.write_bytes(client.export_public_key("openssh"))
+        auth.chmod(0o644)
+        me = os.environ.get("USER") or subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip()
+        known = []
+        self.hosts = []
+        try:
+            for i in range(1, self.n + 1):
+                name = f"node{i:02d}"
+                hdir = self.dir / name
+                hdir.mkdir(exist_ok=True)
+                hostkey = hdir / "ssh_host_ed25519_key"
+                if not hostkey.exists():
+                    _write_key(hostkey, asyncssh.generate_private_key("ssh-ed25519"))
+                pub = asyncssh.read_private_key(str(hostkey)).export_public_key("openssh").decode().strip()
+                if self.root:
+                    address, port, user = f"127.0.{self.subnet}.{i}", 22, f"{self.prefix}{i:02d}"
+                    _ensure_user(user)
+                    _install_key(user, auth.read_bytes())
+                    workdir = "~/.cache/sshjobs"
+                else:
+                    address, port, user = "127.0.0.1", _free_port("127.0.0.1"), me
+                    workdir = f"~/.cache/sshjobs-lab/{name}"
+                host = LabHost(name, address, port, user, workdir)
+                cfg = self._config(host, hdir)
+                check = subprocess.run([SSHD, "-t", "-f", str(cfg)], capture_output=True, text=True)
+                if check.returncode != 0:
+                    raise LabError(f"sshd rejects {cfg}: {check.stderr.strip()}")
+                log = open(hdir / "sshd.log", "ab")
+                proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(cfg)], stdin=subprocess.DEVNULL,
+                                        stdout=log, stderr=log, start_new_session=True)
+                log.close()
+                host.pid = proc.pid
+                self.procs.append(proc)
+                self.hosts.append(host)
+                known.append(f"{address if port == 22 else f'[{address}]:{port}'} {pub}\n")
+            self.known_hosts.write_text("".join(known))
+            self._wait_ready(timeout)
+        except BaseException:
+            self.down()
+            raise
+        self.write_inventory()
+        (self.dir / "lab.json").write_text(json.dumps({
+            "inventory": str(self.inventory_path),
+            "hosts": [h.__dict__ for h in self.hosts],
+        }, indent=1))
+        return self
+
+    def _config(self, host: LabHost, hdir: Path) -> Path:
+        opts = {
+            "ListenAddress": f"{host.address}:{host.port}",
+            "HostKey": str(hdir / "ssh_host_ed25519_key"),
+            "PidFile": str(hdir / "sshd.pid"),
+            # as root each user's own ~/.ssh (the lab dir may be unreadable to them)
+            "AuthorizedKeysFile": ".ssh/authorized_keys" if self.root else str(self.dir / "authorized_keys"),
+            "AllowUsers": host.user,
+            "UsePAM": "no",
+            "PasswordAuthentication": "no",
+            "KbdInteractiveAuthentication": "no",
+            "PubkeyAuthentication": "yes",
+            "StrictModes": "no",
+            "Subsystem": "sftp internal-sftp",
+            "SetEnv": BLAS_ENV,
+            "LogLevel": "ERROR",
+        }
+        opts.update(self.sshd_options)
+        cfg = hdir / "sshd_config"
+        cfg.write_text("".join(f"{k} {v}\n" for k, v in opts.items()))
+        return cfg
+
+    def _wait_ready(self, timeout: float) -> None:
+        """Ready means the SSH banner arrives, not just a TCP accept."""
+        deadline = time.monotonic() + timeout
+        for host, proc in zip(self.hosts, self.procs):
+            while True:
+                if proc.poll() is not None:
+                    log = (self.dir / host.name / "sshd.log").read_text(errors="replace").strip()
+                    raise LabError(f"sshd for {host.name} ({host.address}:{host.port}) exited: {log[-500:]}")
+                try:
+                    with socket.create_connection((host.address, host.port), timeout=1) as s:
+                        if s.recv(64).startswith(b"SSH-"):
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise LabError(f"sshd for {host.name} did not answer within {timeout:g}s")
+                time.sleep(0.02)
+
+    def write_inventory(self, path: str | os.PathLike | None = None) -> Path:
+        path = Path(path or self.inventory_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rel = os.path.relpath
+        lines = [
+            "# A local lab of OpenSSH servers, written by sshjobs.lab\n",
+            "[defaults]\n",
+            f'identity = "{rel(self.identity, path.parent)}"\n',
+            f'known_hosts = "{rel(self.known_hosts, path.parent)}"\n',
+            f"slots = {self.slots}\n",
+            "connect_timeout = 10\n",
+        ]
+        for i, h in enumerate(self.hosts):
+            group = "even" if (i + 1) % 2 == 0 else "odd"
+            lines += [
+                f"\n[hosts.{h.name}]\n",
+                f'address = "{h.address}"\n',
+                f"port = {h.port}\n",
+                f'user = "{h.user}"\n',
+                f'workdir = "{h.workdir}"\n',
+                f'groups = ["lab", "{group}"]\n',
+            ]
+        path.write_text("".join(lines))
+        return path
+
+    def down(self) -> None:
+        """Stop this lab's servers, by pid."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs = []
+
+    def stop_host(self, index: int) -> None:
+        """Stop one server (host ``index``, from 0), as if the machine went away."""
+        proc = self.procs[index]
+        proc.terminate()
+        proc.wait(timeout=5)
+
+    def home(self, index: int) -> Path:
+        """The home directory of host ``index`` (from 0)."""
+        return Path(os.path.expanduser(f"~{self.hosts[index].user}"))
+
+    @staticmethod
+    def stop_recorded(directory: str | os.PathLike) -> list[str]:
+        """Stop the servers of a lab started by another process (``sshjobs lab down``)."""
+        state = Path(directory) / "lab.json"
+        if not state.exists():
+            return []
+        stopped = []
+        data = json.loads(state.read_text())
+        for h in data["hosts"]:
+            pid = h.get("pid")
+            pidfile = Path(directory) / h["name"] / "sshd.pid"
+            # Only signal a pid that is still this lab's sshd.
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if cmdline and cmdline[0] == SSHD.encode() and str(Path(directory).resolve() / h["name"]).encode() in b" ".join(cmdline):
+                os.kill(pid, 15)
+                stopped.append(h["name"])
+            pidfile.unlink(missing_ok=True)
+        state.unlink()
+        return stopped
+
+
+def remove(directory: str | os.PathLike) -> None:
+    shutil.rmtree(directory, ignore_errors=True)

@@ -1,0 +1,297 @@
+"""Scheduling: which worker runs what, turning raw worker replies into Results."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import linecache
+import os
+import re
+import site
+import sys
+import sysconfig
+from collections import deque
+from typing import Any, Callable, Sequence
+
+import cloudpickle
+
+from . import remote
+from .result import RemoteError, Result, failure
+from .worker import Worker, WorkerError, decode_results, dumps
+
+DEPTH = 4  # MAP jobs in flight per worker, so tiny items are not bound by round trips
+MAX_CHUNK = 2048
+
+
+class PickleFailure(Exception):
+    def __init__(self, what: str, exc: BaseException):
+        super().__init__(f"cannot pickle the {what}: {type(exc).__name__}: {exc}")
+        self.what = what
+        self.message = str(self)
+
+
+_INSTALLED = tuple(
+    os.path.realpath(p) + os.sep
+    for p in {*(sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")), *site.getsitepackages()}
+)
+_BY_VALUE: set[str] = set()
+_BY_REF: set[str] = {"__main__", "builtins", "sshjobs"}
+
+
+def ship_local_code(obj: Any) -> None:
+    """Make cloudpickle ship the user's own modules by value.
+
+    cloudpickle pickles a function from an importable module by reference, which a
+    bare host cannot import.  Modules that are not installed (not in the stdlib or a
+    site-packages folder) are the user's code: register their top-level package for
+    pickling by value, and do the same for modules the function refers to by name.
+    """
+    candidates = [obj, *(getattr(obj, "__globals__", {}).get(n) for n in getattr(getattr(obj, "__code__", None), "co_names", ()))]
+    for cand in candidates:
+        modname = cand.__name__ if inspect.ismodule(cand) else getattr(cand, "__module__", None)
+        if not isinstance(modname, str):
+            continue
+        top = modname.partition(".")[0]
+        if top in _BY_VALUE or top in _BY_REF:
+            continue
+        module = sys.modules.get(top)
+        path = getattr(module, "__file__", None)
+        if module is None or not path or os.path.realpath(path).startswith(_INSTALLED):
+            _BY_REF.add(top)
+            continue
+        cloudpickle.register_pickle_by_value(module)
+        _BY_VALUE.add(top)
+
+
+_DYNAMIC_FRAME = re.compile(r'^  File "<dynamic-code>", line (\d+), in (\S+)$')
+
+
+def code_files(fn: Any) -> dict[str, str]:
+    """Function name -> source file, for the code cloudpickle ships (it blanks file names)."""
+    found: dict[str, str] = {}
+    seen: set[int] = set()
+
+    def walk(code):
+        if id(code) in seen:
+            return
+        seen.add(id(code))
+        found.setdefault(code.co_name, code.co_filename)
+        for const in code.co_consts:
+            if inspect.iscode(const):
+                walk(const)
+
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return found
+    walk(code)
+    for name in code.co_names:
+        ref = getattr(fn, "__globals__", {}).get(name)
+        if inspect.isfunction(ref):
+            walk(ref.__code__)
+    return found
+
+
+def enrich_traceback(tb: str, files: dict[str, str]) -> str:
+    """Put back file names and source lines in a remote traceback, from the controller's copy."""
+    if "<dynamic-code>" not in tb or not files:
+        return tb
+    out = []
+    for line in tb.splitlines(keepends=True):
+        m = _DYNAMIC_FRAME.match(line.rstrip("\n"))
+        path = m and files.get(m.group(2))
+        if m and path:
+            out.append(f'  File "{path}", line {m.group(1)}, in {m.group(2)}\n')
+            src = linecache.getline(path, int(m.group(1))).strip()
+            if src:
+                out.append(f"    {src}\n")
+        else:
+            out.append(line)
+    return "".join(out)
+
+
+def pickle_function(fn: Callable) -> bytes:
+    if not callable(fn):
+        raise TypeError(f"expected a callable, got {type(fn).__name__}")
+    ship_local_code(fn)
+    try:
+        return cloudpickle.dumps(fn, protocol=5)
+    except Exception as exc:
+        raise PickleFailure("function", exc) from None
+
+
+def make_results(worker: Worker, raw, outputs, indices: Sequence[int], attempts: int = 1,
+                 loads=None, fn: Any = None) -> list[Result]:
+    """Raw RESULT payload of a CALL or MAP job -> Results for the given job indices."""
+    host = worker.host.name
+    try:
+        decoded = decode_results(raw, loads)
+    except Exception as exc:  # a broken frame: never silently lose the jobs
+        return [failure(host, "ProtocolError", f"cannot decode the result: {exc}", job=i, attempts=attempts)
+                for i in indices]
+    results = []
+    for item, (index, (ok, value, so, se, took)) in enumerate(zip(indices, decoded)):
+        if outputs:
+            out = outputs.get((item, remote.STDOUT))
+            err = outputs.get((item, remote.STDERR))
+            so = out.text(so) if out else so
+            se = err.text(se) if err else se
+        if ok:
+            results.append(Result(host, True, value, None, so, se, took, attempts, index))
+        else:
+            etype, msg, tb = value
+            if fn is not None and "<dynamic-code>" in tb:
+                tb = enrich_traceback(tb, code_files(fn))
+            results.append(Result(host, False, None, RemoteError(etype, msg, tb, host), so, se, took, attempts, index))
+    if len(results) < len(indices):  # a job that errored before its items ran
+        first = results[0] if results else failure(host, "ProtocolError", "no result")
+        for index in indices[len(results):]:
+            results.append(Result(host, False, None, first.error, "", "", 0.0, attempts, index))
+    return results
+
+
+def worker_failure(worker: Worker | None, host: str, exc: BaseException, index: int, attempts: int = 1) -> Result:
+    if isinstance(exc, WorkerError):
+        return failure(host, exc.kind, exc.message, job=index, attempts=attempts)
+    if isinstance(exc, asyncio.TimeoutError):
+        return failure(host, "Timeout", "the job did not finish in time", job=index, attempts=attempts)
+    return failure(host, type(exc).__name__, str(exc), job=index, attempts=attempts)
+
+
+def chunk_size(n: int, workers: int) -> int:
+    """Big enough to amortise a frame, small enough to balance load (about 8 per worker)."""
+    if workers <= 0:
+        return 1
+    return max(1, min(MAX_CHUNK, n // (workers * 8) or 1))
+
+
+class MapRun:
+    """One ``map``: a queue of index ranges, one pump per worker, results by index."""
+
+    def __init__(self, cluster, fn: Callable, fn_bytes: bytes, items: list, *, chunksize: int | None,
+                 timeout: float | None, retries: int):
+        self.cluster = cluster
+        self.fn = fn
+        self.fn_bytes = fn_bytes
+        self.items = items
+        self.results: list[Result | None] = [None] * len(items)
+        self.timeout = timeout
+        self.retries = retries
+        self.chunksize = chunksize
+        self.queue: deque[tuple[int, int, int]] = deque()  # (start, end, attempt)
+        self.last_host = "-"
+        self.last_error: Result | None = None
+        self.wake = asyncio.Event()
+        self.outstanding = 0  # jobs sent and not yet answered, over all pumps
+        # With a timeout each job is one item and runs alone, so the clock is its own.
+        self.depth = 1 if timeout else DEPTH
+
+    async def run(self) -> list[Result]:
+        n = len(self.items)
+        if n == 0:
+            return []
+        workers = self.cluster.live_workers()
+        size = self.chunksize or (1 if self.timeout else chunk_size(n, max(1, len(workers))))
+        for start in range(0, n, size):
+            self.queue.append((start, min(n, start + size), 1))
+        # Pumps for every slot of every usable host; a pump whose worker dies replaces it.
+        pumps = [asyncio.create_task(self.pump(state, slot)) for state, slot in self.cluster.slots()]
+        try:
+            await asyncio.gather(*pumps)
+        finally:
+            for p in pumps:
+                p.cancel()
+        self.fail_rest()
+        return self.results  # type: ignore[return-value]
+
+    def fail_rest(self) -> None:
+        for i, r in enumerate(self.results):
+            if r is None:
+                if self.last_error is not None and self.last_error.error is not None:
+                    e = self.last_error.error
+                    self.results[i] = failure(self.last_error.host, e.type, e.message, job=i,
+                                              attempts=self.last_error.attempts)
+                else:
+                    self.results[i] = failure(self.last_host, "NoHosts", "no host could run this job", job=i)
+
+    async def pump(self, state, slot: int) -> None:
+        inflight: dict[asyncio.Future, tuple[int, int, int, Worker]] = {}
+        while True:
+            worker = await self.cluster.worker_for(state, slot)
+            if worker is None:  # the host is gone; others take the work
+                break
+            while self.queue and len(inflight) < self.depth and worker.alive:
+                start, end, attempt = self.queue.popleft()
+                fut = self.send(worker, start, end, attempt)
+                if fut is not None:
+                    inflight[fut] = (start, end, attempt, worker)
+                    self.outstanding += 1
+            if not inflight:
+                if not self.queue and self.outstanding == 0:
+                    break
+                # Others still hold work that may come back for a retry.
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            done, _ = await asyncio.wait(inflight, timeout=self.timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if not done:  # timed out: the job (one item) fails and the worker is replaced
+                for fut, (start, end, attempt, w) in inflight.items():
+                    for i in range(start, end):
+                        self.results[i] = failure(w.host.name, "Timeout",
+                                                  f"the job did not finish within {self.timeout:g}s",
+                                                  job=i, attempts=attempt)
+                    self.outstanding -= 1
+                    fut.cancel()
+                inflight.clear()
+                await self.cluster.replace_worker(state, slot, worker)
+                self.wake.set()
+                continue
+            for fut in done:
+                start, end, attempt, w = inflight.pop(fut)
+                self.outstanding -= 1
+                exc = fut.exception()
+                if exc is None:
+                    raw, outputs = fut.result()
+                    for r in make_results(w, raw, outputs, range(start, end), attempt, state.loads, self.fn):
+                        self.results[r.job] = r
+                elif attempt <= self.retries:
+                    self.queue.append((start, end, attempt + 1))
+                else:
+                    for i in range(start, end):
+                        self.results[i] = self.last_error = worker_failure(w, w.host.name, exc, i, attempt)
+            self.wake.set()
+        # A pump that stops hands its unfinished work back.
+        for fut, (start, end, attempt, w) in inflight.items():
+            self.outstanding -= 1
+            self.queue.append((start, end, attempt))
+        self.wake.set()
+
+    def send(self, worker: Worker, start: int, end: int, attempt: int):
+        chunk = self.items[start:end]
+        try:
+            return worker.send(remote.MAP, self.fn_bytes, (chunk,), end - start)
+        except Exception:
+            pass
+        # Something in the chunk does not pickle: fail just those items, send the rest.
+        good = []
+        for i in range(start, end):
+            try:
+                dumps((self.items[i],))
+                good.append(i)
+            except Exception as exc:
+                self.results[i] = failure(worker.host.name, "PicklingError",
+                                          f"cannot pickle item {i}: {type(exc).__name__}: {exc}", job=i)
+        for i in good:
+            self.queue.append((i, i + 1, attempt))
+        return None
+
+
+def least_loaded(workers: list[Worker]) -> Worker | None:
+    best = None
+    for w in workers:
+        if w.alive and (best is None or w.in_flight < best.in_flight):
+            best = w
+            if w.in_flight == 0:
+                break
+    return best
+

@@ -1,0 +1,393 @@
+"""The controller's side of one remote worker process: start it, frame jobs, read results."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pickle
+import shlex
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+import asyncssh
+import cloudpickle
+
+from . import remote
+from .connection import HostLink, env_prefix, shell_word
+from .log import get_logger
+
+log = get_logger("sshjobs.worker")
+
+_REMOTE_SOURCE = Path(remote.__file__).read_bytes()
+_STUB_WORD = shlex.quote(remote.STUB)
+_FUNC_CACHE = 1024  # functions a worker keeps; older ones are forgotten
+STDERR_TAIL = 64 * 1024
+MAX_OUTPUT = 16 * 1024 * 1024  # characters of a job's stdout (and of its stderr) kept
+
+
+class OutputTail:
+    """The last ``limit`` characters of a stream, and how many were dropped before them."""
+
+    __slots__ = ("parts", "size", "dropped", "limit")
+
+    def __init__(self, limit: int):
+        self.parts: list[str] = []
+        self.size = 0
+        self.dropped = 0
+        self.limit = limit
+
+    def add(self, text: str) -> None:
+        self.parts.append(text)
+        self.size += len(text)
+        while self.size > self.limit and self.parts:
+            extra = self.size - self.limit
+            head = self.parts[0]
+            if len(head) <= extra:
+                self.parts.pop(0)
+                self.size -= len(head)
+                self.dropped += len(head)
+            else:
+                self.parts[0] = head[extra:]
+                self.size -= extra
+                self.dropped += extra
+
+    def text(self, rest: str = "") -> str:
+        if rest:
+            self.add(rest)
+        body = "".join(self.parts)
+        if self.dropped:
+            return f"[sshjobs: {self.dropped} earlier characters of output dropped]\n" + body
+        return body
+
+
+def _cloudpickle_sources() -> dict[str, str]:
+    root = Path(cloudpickle.__file__).parent
+    return {f"cloudpickle/{p.name}": p.read_text("utf-8") for p in root.glob("*.py")}
+
+
+class WorkerError(Exception):
+    """The worker could not start or went away; ``kind`` names how."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+class _Session(asyncssh.SSHClientSession):
+    def __init__(self, worker: "Worker"):
+        self.worker = worker
+
+    def data_received(self, data, datatype):
+        if datatype == asyncssh.EXTENDED_DATA_STDERR:
+            self.worker._stderr(data)
+        else:
+            self.worker._feed(data)
+
+    def exit_status_received(self, status):
+        self.worker.exit_status = status
+
+    def exit_signal_received(self, signal, core_dumped, msg, lang):
+        self.worker.exit_signal = signal
+
+    def pause_writing(self):
+        self.worker._writable.clear()
+
+    def resume_writing(self):
+        self.worker._writable.set()
+
+    def connection_lost(self, exc):
+        self.worker._lost(exc)
+
+
+class Worker:
+    """One ``python3 -c STUB`` process on a host, serving jobs until closed."""
+
+    def __init__(self, link: HostLink, python: str | None = None, env: dict | None = None,
+                 slots: int | str = 1, on_output=None, max_output: int = MAX_OUTPUT):
+        self.link = link
+        self.host = link.host
+        self.python = python or self.host.python
+        self.env = dict(self.host.env) | dict(env or {})
+        self.slots = slots
+        self.on_output = on_output  # callback(worker, job_id, item, stream, text): live output
+        self.max_output = max_output
+        self.hello: dict = {}
+        self.state = None  # the Cluster's HostState, once started
+        self.exit_status: int | None = None
+        self.exit_signal: str | None = None
+        self.alive = False
+        self.pending: dict[int, asyncio.Future] = {}
+        self.outputs: dict[int, list] = {}
+        self.in_flight = 0  # items, for load balancing
+        self._next_id = 0
+        self._funcs: OrderedDict[bytes, int] = OrderedDict()
+        self._next_fid = 0
+        self._buf = bytearray()
+        self._frame: tuple | None = None  # (kind, job_id, bytearray, filled)
+        self._stderr_tail = bytearray()
+        self._hello: asyncio.Future | None = None
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._chan = None
+        self._release = None
+        self._closed = asyncio.Event()
+
+    # -- lifecycle -------------------------------------------------------------
+    def command(self) -> str:
+        return f"exec {env_prefix(self.env)}{shell_word(self.python)} -c {_STUB_WORD}"
+
+    async def start(self, timeout: float = 60.0) -> "Worker":
+        conn, self._release = await self.link.acquire()
+        loop = asyncio.get_running_loop()
+        self._hello = loop.create_future()
+        try:
+            self._chan, _ = await conn.create_session(lambda: _Session(self), self.command(), encoding=None)
+        except asyncssh.ChannelOpenError as exc:
+            self._release()
+            raise WorkerError("WorkerStartError", f"{self.host.target}: cannot open a channel: {exc.reason}") from None
+        except (asyncssh.Error, OSError) as exc:
+            self._release()
+            raise WorkerError("HostLost", f"{self.host.target}: connection lost while starting a worker: {exc}") from None
+        self.alive = True
+        config = {"cloudpickle": cloudpickle.__version__, "workdir": self.host.workdir, "slots": self.slots}
+        self._chan.write(b"%d\n" % len(_REMOTE_SOURCE) + _REMOTE_SOURCE
+                         + remote.pack(remote.CONFIG, 0, json.dumps(config).encode()))
+        try:
+            self.hello = await asyncio.wait_for(asyncio.shield(self._hello), timeout)
+        except asyncio.TimeoutError:
+            self.close()
+            raise WorkerError("WorkerStartError", f"{self.host.target}: worker did not start within {timeout:g}s") from None
+        mine, theirs = sys.version_info[:2], tuple(self.hello["python"][:2])
+        if mine != theirs:
+            self.close()
+            raise WorkerError(
+                "PythonMismatch",
+                f"{self.host.target}: the host's {self.python} is Python {'.'.join(map(str, self.hello['python']))}"
+                f" but the controller runs Python {sys.version.split()[0]}; cloudpickle needs the same minor version."
+                f' Set python = "python{mine[0]}.{mine[1]}" for this host in the inventory, or python = "match".',
+            )
+        if self.hello.get("cloudpickle") != cloudpickle.__version__:
+            log.debug("shipping cloudpickle", host=self.host.name, have=self.hello.get("cloudpickle"))
+            self._chan.write(remote.pack(remote.MODULES, 0, pickle.dumps(_cloudpickle_sources())))
+        return self
+
+    def close(self) -> None:
+        """End of input: the worker exits (and ends its job, if any)."""
+        if self._chan is not None and self.alive:
+            try:
+                self._chan.write_eof()
+            except Exception:
+                pass
+            self._chan.close()
+
+    def kill(self) -> None:
+        """Close, and ask sshd to signal the process group too (honoured for non-root logins)."""
+        if self._chan is not None and self.alive:
+            try:
+                self._chan.send_signal("KILL")
+            except Exception:
+                pass
+        self.close()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    # -- jobs -------------------------------------------------------------------
+    def _ensure_func(self, fn_bytes: bytes) -> int:
+        fid = self._funcs.get(fn_bytes)
+        if fid is not None:
+            self._funcs.move_to_end(fn_bytes)
+            return fid
+        self._next_fid = (self._next_fid + 1) & 0xFFFFFFFF
+        fid = self._next_fid
+        self._write(remote.FUNC, fid, fn_bytes)
+        self._funcs[fn_bytes] = fid
+        if len(self._funcs) > _FUNC_CACHE:
+            _, old = self._funcs.popitem(last=False)
+            self._write(remote.FUNC, old, b"")
+        return fid
+
+    def send(self, kind: int, fn_bytes: bytes, body: tuple, size: int = 1) -> asyncio.Future:
+        """Send a CALL ((args, kwargs) body) or MAP ((items,) body); a future of raw results."""
+        fut = asyncio.get_running_loop().create_future()
+        if not self.alive:
+            fut.set_exception(self._lost_error())
+            return fut
+        fid = self._ensure_func(fn_bytes)
+        payload = dumps((fid, *body))
+        self._next_id = (self._next_id + 1) & 0xFFFFFFFF
+        job_id = self._next_id
+        self.pending[job_id] = fut
+        self.in_flight += size
+        fut.size = size  # type: ignore[attr-defined]
+        self._write(kind, job_id, payload)
+        return fut
+
+    async def drain(self) -> None:
+        await self._writable.wait()
+
+    def _write(self, kind: int, job_id: int, payload: bytes) -> None:
+        self._chan.write(remote.HEADER.pack(kind, job_id, len(payload)))
+        if payload:
+            self._chan.write(payload)
+
+    # -- incoming ---------------------------------------------------------------
+    def _feed(self, data: bytes) -> None:
+        frame = self._frame
+        view = memoryview(data)
+        pos = 0
+        end = len(data)
+        while pos < end:
+            if frame is not None:
+                kind, job_id, body, filled = frame
+                take = min(len(body) - filled, end - pos)
+                body[filled:filled + take] = view[pos:pos + take]
+                pos += take
+                filled += take
+                if filled < len(body):
+                    frame = (kind, job_id, body, filled)
+                    break
+                frame = None
+                self._dispatch(kind, job_id, body)
+                continue
+            buf = self._buf
+            need = remote.HEADER.size - len(buf)
+            if end - pos < need:
+                buf += view[pos:end]
+                break
+            if buf:
+                buf += view[pos:pos + need]
+                kind, job_id, size = remote.HEADER.unpack(buf)
+                buf.clear()
+                pos += need
+            else:
+                kind, job_id, size = remote.HEADER.unpack_from(view, pos)
+                pos += remote.HEADER.size
+            if size <= end - pos and size < (1 << 20):
+                body = bytes(view[pos:pos + size])
+                pos += size
+                self._dispatch(kind, job_id, body)
+            else:
+                frame = (kind, job_id, bytearray(size), 0)
+                if size == 0:
+                    frame = None
+                    self._dispatch(kind, job_id, b"")
+        self._frame = frame
+
+    def _dispatch(self, kind: int, job_id: int, body) -> None:
+        if kind == remote.RESULT:
+            fut = self.pending.pop(job_id, None)
+            out = self.outputs.pop(job_id, None)
+            if fut is not None:
+                self.in_flight -= fut.size
+                if not fut.done():
+                    fut.set_result((body, out))
+        elif kind == remote.OUTPUT:
+            stream, item = remote.OUTPUT_HEAD.unpack_from(body, 0)
+            text = bytes(body[remote.OUTPUT_HEAD.size:]).decode("utf-8", "replace")
+            tails = self.outputs.get(job_id)
+            if tails is None:
+                tails = self.outputs[job_id] = {}
+            tail = tails.get((item, stream))
+            if tail is None:
+                tail = tails[(item, stream)] = OutputTail(self.max_output)
+            tail.add(text)
+            if self.on_output is not None:
+                self.on_output(self, job_id, item, stream, text)
+        elif kind == remote.HELLO:
+            if self._hello and not self._hello.done():
+                self._hello.set_result(json.loads(body))
+        elif kind == remote.FATAL:
+            etype, msg, tb = json.loads(body)
+            err = WorkerError("WorkerStartError", f"{self.host.target}: worker failed to start: {etype}: {msg}")
+            if self._hello and not self._hello.done():
+                self._hello.set_exception(err)
+
+    def _stderr(self, data: bytes) -> None:
+        tail = self._stderr_tail
+        tail += data
+        if len(tail) > STDERR_TAIL:
+            del tail[: len(tail) - STDERR_TAIL]
+
+    @property
+    def stderr_tail(self) -> str:
+        return self._stderr_tail.decode("utf-8", "replace")
+
+    def _lost_error(self) -> WorkerError:
+        how = ""
+        if self.exit_signal:
+            how = f" (killed by signal {self.exit_signal})"
+        elif self.exit_status is not None:
+            how = f" (exit status {self.exit_status})"
+        tail = self.stderr_tail.strip()
+        if self.exit_status == 127 or "not found" in tail[-300:]:
+            return WorkerError("WorkerStartError", f"{self.host.target}: cannot run {self.python}{how}: {tail[-300:]}")
+        detail = f": {tail[-500:]}" if tail else ""
+        return WorkerError("WorkerLost", f"{self.host.target}: the worker process ended{how}{detail}")
+
+    def _lost(self, exc) -> None:
+        self.alive = False
+        if self._release:
+            self._release()
+            self._release = None
+        err = self._lost_error()
+        if exc is not None and self.exit_status is None and self.exit_signal is None:
+            err = WorkerError("HostLost", f"{self.host.target}: connection lost: {exc}")
+        if self._hello and not self._hello.done():
+            self._hello.set_exception(err)
+        pending, self.pending = self.pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(err)
+        self.in_flight = 0
+        self._writable.set()
+        self._closed.set()
+
+
+_PLAIN = frozenset({int, float, str, bytes, bool, type(None), complex, bytearray})
+
+
+def _plain(obj) -> bool:
+    if type(obj) in _PLAIN:
+        return True
+    if type(obj) in (tuple, list):
+        return all(type(x) in _PLAIN for x in obj)
+    if type(obj) is dict:
+        return all(type(k) in _PLAIN and type(v) in _PLAIN for k, v in obj.items())
+    return False
+
+
+def dumps(obj: tuple) -> bytes:
+    """Plain data goes through pickle (fast); anything else through cloudpickle, which
+    ships functions and classes of the controller's __main__ by value."""
+    if all(_plain(x) for x in obj):
+        return pickle.dumps(obj, protocol=5)
+    return cloudpickle.dumps(obj, protocol=5)
+
+
+def decode_results(body, safe_loads=None) -> list[tuple]:
+    """RESULT payload -> [(ok, value or (type, message, traceback), stdout, stderr, duration)]."""
+    view = memoryview(body)
+    (mlen,) = remote.META_LEN.unpack_from(view, 0)
+    pos = remote.META_LEN.size
+    meta = pickle.loads(view[pos:pos + mlen])
+    pos += mlen
+    loads = safe_loads or pickle.loads
+    out = []
+    for ok, so, se, took, size in meta:
+        blob = view[pos:pos + size]
+        pos += size
+        if ok:
+            try:
+                value = loads(blob)
+            except Exception as exc:
+                ok = False
+                value = ("UnpicklableResult",
+                         f"the job's return value could not be unpickled on the controller: {type(exc).__name__}: {exc}", "")
+        else:
+            value = pickle.loads(blob)
+        out.append((ok, value, so, se, took))
+    return out
+

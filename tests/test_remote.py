@@ -1,0 +1,109 @@
+"""The remote worker module on its own, over a local pipe: framing and the job loop."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import subprocess
+import sys
+
+import cloudpickle
+import pytest
+
+from sshjobs import remote
+from sshjobs.worker import decode_results
+
+SOURCE = open(remote.__file__, "rb").read()
+
+
+def test_frames_round_trip_and_partial_reads():
+    frames = [(remote.CALL, 7, b"abc"), (remote.RESULT, 2**32 - 1, b""), (remote.OUTPUT, 1, b"x" * 100_000)]
+    data = b"".join(remote.pack(*f) for f in frames)
+
+    class Trickle(io.RawIOBase):  # returns at most 3 bytes per read, like a slow pipe
+        def __init__(self, data):
+            self.data = data
+
+        def readable(self):
+            return True
+
+        def read(self, n=-1):
+            k = min(3, n)
+            chunk, self.data = self.data[:k], self.data[k:]
+            return chunk
+
+    stream = Trickle(data)
+    assert [remote.read_frame(stream) for _ in frames] == frames
+    assert remote.read_frame(stream) is None
+
+
+def test_truncated_frame_is_end_of_stream():
+    data = remote.pack(remote.CALL, 1, b"abcdef")[:-2]
+    assert remote.read_frame(io.BytesIO(data)) is None
+
+
+@pytest.fixture
+def worker(tmp_path):
+    """A worker run by the host's system python3 (no cloudpickle there) over pipes."""
+    proc = subprocess.Popen(["/usr/bin/python3", "-c", remote.STUB], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    config = {"cloudpickle": cloudpickle.__version__, "workdir": str(tmp_path / "wd")}
+    proc.stdin.write(b"%d\n" % len(SOURCE) + SOURCE + remote.pack(remote.CONFIG, 0, json.dumps(config).encode()))
+    proc.stdin.flush()
+    kind, _, body = remote.read_frame(proc.stdout)
+    assert kind == remote.HELLO
+    hello = json.loads(body)
+    if hello["cloudpickle"] != cloudpickle.__version__:
+        sources = {f"cloudpickle/{p}": open(f"{cloudpickle.__path__[0]}/{p}").read()
+                   for p in ("__init__.py", "cloudpickle.py", "cloudpickle_fast.py")}
+        proc.stdin.write(remote.pack(remote.MODULES, 0, pickle.dumps(sources)))
+    proc.hello = hello
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def send(proc, *frame):
+    proc.stdin.write(remote.pack(*frame))
+    proc.stdin.flush()
+
+
+def test_hello_describes_the_host(worker):
+    hello = worker.hello
+    assert hello["python"][:2] == list(sys.version_info[:2])
+    assert hello["pid"] == worker.pid
+    assert hello["cpus"] >= 1
+
+
+def test_call_and_map_and_output_over_a_pipe(worker, tmp_path):
+    k = 10
+    send(worker, remote.FUNC, 1, cloudpickle.dumps(lambda x: print("item", x) or x + k))
+    send(worker, remote.CALL, 5, pickle.dumps((1, (1,), {})))
+    send(worker, remote.MAP, 6, pickle.dumps((1, [1, 2, "x"])))
+    kind, job, body = remote.read_frame(worker.stdout)
+    assert (kind, job) == (remote.RESULT, 5)
+    [(ok, value, out, err, took)] = decode_results(body)
+    assert ok and value == 11 and out == "item 1\n" and took >= 0
+    kind, job, body = remote.read_frame(worker.stdout)
+    assert (kind, job) == (remote.RESULT, 6)
+    results = decode_results(body)
+    assert [r[1] for r in results[:2]] == [11, 12]
+    assert results[2][0] is False and results[2][1][0] == "TypeError"
+    # cloudpickle's source was cached in the workdir for the next worker
+    assert (tmp_path / "wd" / "lib" / f"cloudpickle-{cloudpickle.__version__}" / "cloudpickle").is_dir()
+
+
+def test_worker_exits_at_end_of_input(worker):
+    worker.stdin.close()
+    assert worker.wait(timeout=5) == 0
+
+
+def test_job_reading_stdin_cannot_eat_frames(worker):
+    send(worker, remote.FUNC, 1, cloudpickle.dumps(lambda: __import__("sys").stdin.read()))
+    send(worker, remote.CALL, 1, pickle.dumps((1, (), {})))
+    send(worker, remote.CALL, 2, pickle.dumps((1, (), {})))
+    for job in (1, 2):
+        kind, got, body = remote.read_frame(worker.stdout)
+        assert (kind, got) == (remote.RESULT, job)
+        assert decode_results(body)[0][:2] == (True, "")
