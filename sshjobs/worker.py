@@ -21,6 +21,7 @@ log = get_logger("sshjobs.worker")
 
 _REMOTE_SOURCE = Path(remote.__file__).read_bytes()
 _STUB_WORD = shlex.quote(remote.STUB)
+_BIG_WRITE = 1 << 20  # frames this big are written on their own rather than joined
 _FUNC_CACHE = 1024  # functions a worker keeps; older ones are forgotten
 STDERR_TAIL = 64 * 1024
 MAX_OUTPUT = 16 * 1024 * 1024  # characters of a job's stdout (and of its stderr) kept
@@ -131,6 +132,8 @@ class Worker:
         self._writable = asyncio.Event()
         self._writable.set()
         self._chan = None
+        self._out: list[bytes] = []  # frames not yet handed to the channel
+        self._flush_soon = False
         self._release = None
         self._closed = asyncio.Event()
 
@@ -177,6 +180,7 @@ class Worker:
         """End of input: the worker exits (and ends its job, if any)."""
         if self._chan is not None and self.alive:
             try:
+                self._flush()
                 self._chan.write_eof()
             except Exception:
                 pass
@@ -229,9 +233,32 @@ class Worker:
         await self._writable.wait()
 
     def _write(self, kind: int, job_id: int, payload: bytes) -> None:
-        self._chan.write(remote.HEADER.pack(kind, job_id, len(payload)))
+        # Frames written in one turn of the event loop leave in one channel write: asyncssh
+        # builds and encrypts a packet per write, which bounded many small jobs.
+        out = self._out
+        out.append(remote.HEADER.pack(kind, job_id, len(payload)))
         if payload:
-            self._chan.write(payload)
+            out.append(payload)
+        if not self._flush_soon:
+            self._flush_soon = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_soon = False
+        out, self._out = self._out, []
+        if not out or not self.alive:
+            return
+        small: list = []
+        for part in out:
+            if len(part) >= _BIG_WRITE:  # not copied into a joined buffer
+                if small:
+                    self._chan.write(b"".join(small))
+                    small = []
+                self._chan.write(part)
+            else:
+                small.append(part)
+        if small:
+            self._chan.write(b"".join(small))
 
     # -- incoming ---------------------------------------------------------------
     def _feed(self, data: bytes) -> None:
