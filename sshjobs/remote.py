@@ -154,6 +154,7 @@ class Worker:
         self.out = out
         self.lock = threading.Lock()
         self.jobs = queue.SimpleQueue()
+        self.exiting = threading.Event()
         self.funcs = {}
         self.job_id = 0
         self.item = 0
@@ -192,8 +193,10 @@ class Worker:
         self.jobs.put(None)
         # A job may be running: stdin closing means the controller is gone or wants
         # this worker dead.  Give an idle main thread a moment to exit cleanly.
-        time.sleep(0.05)
-        _die()
+        # If the main thread gets there first it does the cleanup: a second _die() here
+        # would exit the process halfway through it, leaving the job's children behind.
+        if not self.exiting.wait(0.05):
+            _die()
 
     # -- setup ---------------------------------------------------------------
     def setup(self):
@@ -441,8 +444,15 @@ def _die(code=0):
         if pgrp == os.getpid():
             others = _group_members(pgrp)
             if others is None or others:
-                signal.signal(signal.SIGTERM, signal.SIG_IGN)
-                os.killpg(pgrp, signal.SIGTERM)
+                if threading.current_thread() is threading.main_thread():
+                    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                    os.killpg(pgrp, signal.SIGTERM)
+                else:  # signal handlers belong to the main thread: spare ourselves by hand
+                    for pid in others or []:
+                        try:
+                            os.kill(pid, signal.SIGTERM)
+                        except OSError:
+                            pass
                 deadline = time.time() + 0.5
                 while time.time() < deadline and (others is None or _group_members(pgrp)):
                     time.sleep(0.02)
@@ -475,6 +485,7 @@ def main():
             os._exit(1)
     threading.Thread(target=worker.reader, name="sshjobs-reader", daemon=True).start()
     worker.run()
+    worker.exiting.set()
     try:
         out.flush()
     finally:
