@@ -39,6 +39,7 @@ OUTPUT = 12  # payload: OUTPUT_HEAD (stream 1 stdout / 2 stderr, item) + utf-8 t
 FATAL = 13  # JSON: the worker cannot go on
 
 META_LEN = struct.Struct("!I")
+ALL_OK = "all-ok"  # RESULT meta (ALL_OK, durations): one pickled list holds every value
 OUTPUT_HEAD = struct.Struct("!BI")  # stream, index of the item within a MAP job
 STDOUT, STDERR = 1, 2
 OUTPUT_FLUSH = 64 * 1024  # stream job output in frames of about this size
@@ -324,19 +325,37 @@ class Worker:
         except BaseException as exc:
             return [(False, error_info(exc), "", "", 0.0)]
         results = []
+        append = results.append
         clock = time.perf_counter
         for index, item in enumerate(items):
             self.item = index
             start = clock()
             try:
-                results.append((True, fn(item), out.take(), err.take(), clock() - start))
+                value = fn(item)
+                ok = True
             except BaseException as exc:
-                results.append((False, error_info(exc), out.take(), err.take(), clock() - start))
+                value = error_info(exc)
+                ok = False
+            took = clock() - start
+            append((ok, value, out.take() if out._parts else "", err.take() if err._parts else "", took))
         return results
 
     def send_result(self, job_id, results, flush):
         """One RESULT frame: a meta list, then each value pickled on its own so that
-        one value that cannot be pickled (or unpickled) costs only its own job."""
+        one value that cannot be pickled (or unpickled) costs only its own job.
+
+        Many items that all succeeded without output go as one pickled list of values
+        and a list of durations: per-item pickles and meta bounded map over tiny items.
+        """
+        if len(results) > 1 and all([r[0] and not r[2] and not r[3] for r in results]):
+            try:
+                blob = self.dumps([r[1] for r in results])
+            except BaseException:
+                blob = None  # some value does not pickle: each on its own below
+            if blob is not None:
+                self._write_result(job_id, pickle.dumps((ALL_OK, [r[4] for r in results]), protocol=4),
+                                   [blob], flush)
+                return
         meta = []
         blobs = []
         for ok, value, so, se, took in results:
@@ -355,7 +374,9 @@ class Worker:
                 blob = pickle.dumps(value, protocol=4)
             meta.append((ok, so, se, took, len(blob)))
             blobs.append(blob)
-        head = pickle.dumps(meta, protocol=4)
+        self._write_result(job_id, pickle.dumps(meta, protocol=4), blobs, flush)
+
+    def _write_result(self, job_id, head, blobs, flush):
         size = META_LEN.size + len(head) + sum(len(b) for b in blobs)
         with self.lock:
             write = self.out.write

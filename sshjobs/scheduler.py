@@ -197,7 +197,12 @@ def make_results(worker: Worker, raw, outputs, indices: Sequence[int], attempts:
     except Exception as exc:  # a broken frame: never silently lose the jobs
         return [failure(host, "ProtocolError", f"cannot decode the result: {exc}", job=i, attempts=attempts)
                 for i in indices]
-    results = []
+    if not outputs and all([d[0] for d in decoded]):  # the common case, kept tight for map
+        results = [Result(host, True, value, None, so, se, took, attempts, index)
+                   for index, (_, value, so, se, took) in zip(indices, decoded)]
+        decoded = ()
+    else:
+        results = []
     for item, (index, (ok, value, so, se, took)) in enumerate(zip(indices, decoded)):
         if outputs:
             out = outputs.get((item, remote.STDOUT))

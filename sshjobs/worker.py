@@ -8,6 +8,7 @@ import pickle
 import shlex
 import sys
 from collections import OrderedDict
+from itertools import repeat
 from pathlib import Path
 
 import asyncssh
@@ -402,6 +403,16 @@ def decode_results(body, safe_loads=None) -> list[tuple]:
     meta = pickle.loads(view[pos:pos + mlen])
     pos += mlen
     loads = safe_loads or pickle.loads
+    if type(meta) is tuple and meta[0] == remote.ALL_OK:
+        durations = meta[1]
+        n = len(durations)
+        try:
+            values = loads(view[pos:])
+        except Exception as exc:  # the chunk's values arrive together, so they fail together
+            err = ("UnpicklableResult",
+                   f"the job's return value could not be unpickled on the controller: {type(exc).__name__}: {exc}", "")
+            return list(zip(repeat(False, n), repeat(err, n), repeat("", n), repeat("", n), durations))
+        return list(zip(repeat(True, n), values, repeat("", n), repeat("", n), durations))
     out = []
     for ok, so, se, took, size in meta:
         blob = view[pos:pos + size]
