@@ -27,7 +27,7 @@ ECHO = ("import sys, time\ndata = sys.stdin.buffer.read()\nsys.stderr.write(repr
 
 
 class Baseline:
-    def __init__(self, hosts, python: str, per_host: int = 8):
+    def __init__(self, hosts, python: str, per_host: int = 6):
         self.hosts = list(hosts)
         self.python = python
         self.conns: list[asyncssh.SSHClientConnection] = []
@@ -51,8 +51,13 @@ class Baseline:
     async def run(self, i: int, code: str, *args: str, input: bytes | None = None):
         cmd = " ".join([shlex.quote(self.python), "-c", shlex.quote(code), *map(shlex.quote, args)])
         async with self._sems[i % len(self.conns)]:
-            r = await self.conns[i % len(self.conns)].run(cmd, input=input, encoding=None, check=True)
-        return r
+            for attempt in range(20):
+                try:
+                    return await self.conns[i % len(self.conns)].run(cmd, input=input, encoding=None, check=True)
+                except asyncssh.ChannelOpenError:
+                    # sshd frees a session slot a little after the channel closed ("no more sessions")
+                    await asyncio.sleep(0.01 * (attempt + 1))
+            raise RuntimeError("baseline: no free session")
 
     # -- the figures ---------------------------------------------------------------
     async def fanout(self, n: int | None = None) -> list:
