@@ -267,6 +267,8 @@ class MapRun:
         size = self.chunksize or (1 if self.timeout else chunk_size(n, max(1, len(workers))))
         for start in range(0, n, size):
             self.queue.append((start, min(n, start + size), 1))
+        # Few chunks (a fan-out of slow jobs): no pump may queue several while others idle.
+        self.depth = min(self.depth, max(1, -(-len(self.queue) // max(1, len(self.cluster.slots())))))
         # Pumps for every slot of every usable host; a pump whose worker dies replaces it.
         pumps = [asyncio.create_task(self.pump(state, slot)) for state, slot in self.cluster.slots()]
         try:

@@ -381,9 +381,9 @@ def _plain(obj) -> bool:
     if type(obj) in _PLAIN:
         return True
     if type(obj) in (tuple, list):
-        return all(type(x) in _PLAIN for x in obj)
+        return _PLAIN.issuperset(map(type, obj))
     if type(obj) is dict:
-        return all(type(k) in _PLAIN and type(v) in _PLAIN for k, v in obj.items())
+        return _PLAIN.issuperset(map(type, obj)) and _PLAIN.issuperset(map(type, obj.values()))
     return False
 
 
