@@ -11,17 +11,22 @@ worker moves the real stdout away before running anything and points file
 descriptor 1 at stderr, so stray output from C code or subprocesses cannot corrupt it.
 """
 
+import builtins
 import io
 import json
 import os
 import pickle
-import queue
 import signal
 import struct
 import sys
 import threading
 import time
-import traceback
+import types
+
+try:  # the C queue: importing queue.py costs a worker start about 1.5 ms
+    from _queue import SimpleQueue
+except ImportError:  # pragma: no cover
+    from queue import SimpleQueue
 
 HEADER = struct.Struct("!BIQ")
 
@@ -93,6 +98,8 @@ def _read_exact(stream, n):
 
 def error_info(exc):
     """(type name, message, traceback text) of an exception, for the controller."""
+    import traceback  # imported when first needed: it pulls in re, tokenize, linecache
+
     return (
         type(exc).__qualname__,
         str(exc),
@@ -154,7 +161,7 @@ class Worker:
         self.inp = inp
         self.out = out
         self.lock = threading.Lock()
-        self.jobs = queue.SimpleQueue()
+        self.jobs = SimpleQueue()
         self.exiting = threading.Event()
         self.funcs = {}
         self.job_id = 0
@@ -178,6 +185,10 @@ class Worker:
         try:
             return pickle.dumps(value, protocol=5)
         except Exception:
+            if self.cloudpickle is None:
+                import cloudpickle
+
+                self.cloudpickle = cloudpickle
             return self.cloudpickle.dumps(value, protocol=5)
 
     # -- input ---------------------------------------------------------------
@@ -214,7 +225,9 @@ class Worker:
             os.environ.setdefault(key, threads)
         workdir = os.path.expanduser(config.get("workdir") or "~/.cache/sshjobs")
         want = config.get("cloudpickle")
-        have = self._import_cloudpickle(workdir, want)
+        have = self._find_cloudpickle(workdir, want)
+        if str(want).startswith("3."):  # the loaders below are cloudpickle 3's
+            self.loads = _loads
         hello = {
             "python": list(sys.version_info[:3]),
             "executable": sys.executable,
@@ -235,15 +248,20 @@ class Worker:
                 raise SystemExit("sshjobs worker: expected cloudpickle's source")
             self._install_cloudpickle(workdir, want, pickle.loads(frame[2]))
 
-    def _import_cloudpickle(self, workdir, want):
+    def _find_cloudpickle(self, workdir, want):
+        """cloudpickle's version, found without importing it: its imports are most of a
+        worker's start-up (~20 ms of CPU), and most jobs never need more of it than the
+        few loaders in _LIGHT.  It is imported when something does need it."""
         lib = os.path.join(workdir, "lib", "cloudpickle-%s" % want)
-        if want and os.path.isdir(lib):
+        if want and os.path.isfile(os.path.join(lib, "cloudpickle", "cloudpickle.py")):
             sys.path.insert(0, lib)
-        try:
+            return want
+        found = _version_on_path()
+        if found:
+            return found
+        try:  # an unusual layout (a zip, say): ask the module itself
             import cloudpickle
         except Exception:
-            if want and os.path.isdir(lib):
-                sys.path.remove(lib)
             return None
         self.cloudpickle = cloudpickle
         return getattr(cloudpickle, "__version__", None)
@@ -364,6 +382,8 @@ class Worker:
                     blob = self.dumps(value)
                 except BaseException as exc:
                     ok = False
+                    import traceback
+
                     value = (
                         "UnpicklableResult",
                         "the job's return value of type %s could not be pickled: %s"
@@ -387,6 +407,107 @@ class Worker:
                 write(blob)
             if flush:
                 self.out.flush()
+
+
+def _version_on_path():
+    """The __version__ line of the cloudpickle that ``import cloudpickle`` would find."""
+    for entry in sys.path:
+        try:
+            with open(os.path.join(entry or ".", "cloudpickle", "__init__.py"), encoding="utf-8") as f:
+                text = f.read()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("__version__"):
+                return line.partition("=")[2].strip().strip("\"'") or None
+        return None
+    return None
+
+
+# cloudpickle 3's loaders for functions and closures, as in cloudpickle/cloudpickle.py, so
+# that loading a function does not import cloudpickle and what it imports.  Any other
+# name (classes, enums, typevars...) is looked up in the real module, imported then.
+def _cp_builtin_type(name):
+    return type if name == "ClassType" else getattr(types, name)
+
+
+def _cp_subimport(name):
+    __import__(name)
+    return sys.modules[name]
+
+
+def _cp_dynamic_subimport(name, vars):
+    mod = types.ModuleType(name)
+    mod.__dict__.update(vars)
+    mod.__dict__["__builtins__"] = builtins.__dict__
+    return mod
+
+
+class _EmptyCellValue(object):
+    pass
+
+
+_EMPTY_CELL_VALUE = _EmptyCellValue()
+
+
+def _cp_make_function(code, globals, name, argdefs, closure):
+    globals["__builtins__"] = builtins.__dict__
+    return types.FunctionType(code, globals, name, argdefs, closure)
+
+
+def _cp_make_empty_cell():
+    if False:
+        cell = None
+    return (lambda: cell).__closure__[0]  # noqa: F821  (the cell stays empty)
+
+
+def _cp_make_cell(value=_EMPTY_CELL_VALUE):
+    cell = _cp_make_empty_cell()
+    if value is not _EMPTY_CELL_VALUE:
+        cell.cell_contents = value
+    return cell
+
+
+def _cp_function_setstate(obj, state):
+    state, slotstate = state
+    obj.__dict__.update(state)
+    obj_globals = slotstate.pop("__globals__")
+    obj_closure = slotstate.pop("__closure__")
+    slotstate.pop("_cloudpickle_submodules")
+    obj.__globals__.update(obj_globals)
+    obj.__globals__["__builtins__"] = builtins.__dict__
+    if obj_closure is not None:
+        for i, cell in enumerate(obj_closure):
+            try:
+                value = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            obj.__closure__[i].cell_contents = value
+    for k, v in slotstate.items():
+        setattr(obj, k, v)
+
+
+_LIGHT = {
+    "_builtin_type": _cp_builtin_type,
+    "subimport": _cp_subimport,
+    "dynamic_subimport": _cp_dynamic_subimport,
+    "_empty_cell_value": _EMPTY_CELL_VALUE,
+    "_make_function": _cp_make_function,
+    "_make_empty_cell": _cp_make_empty_cell,
+    "_make_cell": _cp_make_cell,
+    "_function_setstate": _cp_function_setstate,
+}
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if module == "cloudpickle.cloudpickle" and name in _LIGHT:
+            return _LIGHT[name]
+        return pickle.Unpickler.find_class(self, module, name)
+
+
+def _loads(data):
+    return _Unpickler(io.BytesIO(data)).load()
 
 
 class _Unloadable:
