@@ -2,7 +2,7 @@
 
 ``python -m bench.cold {sshjobs|baseline} {eigen|noop} INVENTORY HOSTS`` prints one JSON
 line: seconds from the first connect to the last result (after imports, before exit,
-connections closed), and the process's peak RSS.
+connections closed), and the process's peak RSS (VmHWM).
 """
 
 from __future__ import annotations
@@ -58,8 +58,20 @@ def main(argv: list[str]) -> None:
     inv = load(path, hosts)
     fn = run_sshjobs if tool == "sshjobs" else run_baseline
     seconds, values = asyncio.run(fn(inv, job))
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": seconds, "rss_mb": rss_mb, "values": values}))
+    print(json.dumps({"seconds": seconds, "rss_mb": peak_rss_mb(), "values": values}))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS.  Not getrusage's ru_maxrss: Linux carries that over from the
+    parent across fork and exec, so it would report the bench runner's own peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 if __name__ == "__main__":

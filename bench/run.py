@@ -260,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = Runs()
     nlab = max(10, args.hosts if "scale" in only else 10)
     started = time.perf_counter()
+    load_before = os.getloadavg()[0]
     lab = Lab(nlab, BENCH_DIR / f"lab{args.subnet}", subnet=args.subnet, prefix=f"sshjobs-b{args.subnet}-")
     say(f"bench: starting a {nlab}-host lab on 127.0.{args.subnet}.x")
     try:
@@ -298,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         lab.down()
         say(f"bench: lab stopped after {time.perf_counter() - started:.0f} s")
     summary = summarise(runs, n)
+    summary["machine"]["load_1min_before"] = load_before
+    summary["seconds"] = time.perf_counter() - started
     table(summary)
     line = json.dumps(summary)
     if args.json_out:
