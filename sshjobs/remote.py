@@ -738,6 +738,7 @@ def provision_request(req):
         if not uv and "pip" in req.get("uv_methods", ()):
             how, uv = "pip", _pip_uv(workdir, None)
         if not uv:
+            os.makedirs(os.path.join(workdir, "bin"), exist_ok=True)  # for an upload
             return {"ok": True, "uv": None, "facts": python_facts(True), "workdir": workdir}
         out = _run([uv, "python", "find", "--system", req["version"]], "uv python find " + req["version"]).strip()
         return {"ok": True, "uv": how, "python": out.splitlines()[-1].strip(), "workdir": workdir}
