@@ -99,7 +99,8 @@ def parse_requirements(requirements: str | os.PathLike | Iterable[str]) -> tuple
 async def remote_call(state: "HostState", request: dict, python: str | None = None) -> dict:
     """Run one provisioning request on a host with its ``env``; the reply, or HostProvisionError."""
     python = python or state.base_python
-    cmd = f"exec {env_prefix(dict(state.host.env))}{shell_word(python)} -c {_STUB_WORD}"
+    env = dict(state.host.env) | dict(state.env)  # what the workers get too
+    cmd = f"exec {env_prefix(env)}{shell_word(python)} -c {_STUB_WORD}"
     data = b"%d\n" % len(_SOURCE) + _SOURCE + json.dumps(request).encode()
     try:
         proc = await state.link.run(cmd, input=data)

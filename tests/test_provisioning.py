@@ -376,3 +376,41 @@ def test_list_and_prune_environments(lab, workdir):
     pruned = inv.prune_envs(0)
     assert all(r.value["removed"] == [inst.value["hash"]] for r, inst in zip(pruned, installed))
     assert all(r.value == [] for r in inv.list_envs())
+
+
+@pytest.mark.slow
+def test_a_build_waits_for_the_hosts_lock(lab, workdir, root):
+    """Another controller holding an environment's lock on a host: this one waits for it
+    and then finds the environment it built (here: nobody built it, so it builds it)."""
+    import fcntl
+    import pwd
+
+    inv = lab_inventory(lab, workdir).select("node01,node02")
+    facts = json.loads(subprocess.run(["/usr/bin/python3", "-c", "import json,sys,os;print(json.dumps("
+                                       "[sys.implementation.name,'%d.%d.%d'%sys.version_info[:3],"
+                                       "os.path.realpath(sys.executable)]))"],
+                                      capture_output=True, text=True, check=True).stdout)
+    h = remote.env_hash(remote.python_id(*facts), ["six"], [])
+    pw = pwd.getpwnam(lab.hosts[0].user)
+    envs = host_path(lab, 0, inv.hosts[0].workdir) / "envs"
+    envs.mkdir(parents=True, mode=0o700)
+    for p in (envs.parent, envs):
+        os.chown(p, pw.pw_uid, pw.pw_gid)
+    lock_path = envs / f".{h}.lock"
+    with open(lock_path, "a") as lock:
+        os.chown(lock_path, pw.pw_uid, pw.pw_gid)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+
+        async def go():
+            async with inv.connect() as cluster:
+                task = asyncio.ensure_future(cluster.install(["six"]))
+                await asyncio.sleep(3.0)
+                waiting = not task.done()
+                fcntl.flock(lock, fcntl.LOCK_UN)
+                return waiting, await task
+
+        waiting, results = asyncio.run(go())
+    assert waiting  # node01's build waited for the lock
+    assert all(r.ok for r in results), [r.error for r in results]
+    assert results[0].value["hash"] == h and results[0].duration >= 3.0
+    assert results[1].duration < 3.0  # node02 was not held up
