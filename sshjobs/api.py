@@ -224,12 +224,15 @@ class Cluster:
         if state.python == python:
             return
         state.python = python
-        old = [w for w in state.workers if w is not None]
+        slots = [i for i, w in enumerate(state.workers) if w is not None]
+        old = [state.workers[i] for i in slots]
         state.workers = [None] * len(state.workers)
         for w in old:
             w.close()
         if old:
             await asyncio.wait([asyncio.ensure_future(w.wait_closed()) for w in old], timeout=2)
+        # the same slots again, in the environment (submit() picks among live workers)
+        await asyncio.gather(*(self.worker_for(state, i) for i in slots))
 
     async def _install_for_jobs(self, requirements) -> dict[int, Result]:
         """Install before jobs; the failed hosts' install Results by host index."""

@@ -154,10 +154,11 @@ def test_install_numpy_on_every_host_then_run_jobs_in_it(lab, workdir):
             t0 = time.perf_counter()
             again = await cluster.install(["numpy"])
             noop = time.perf_counter() - t0
+            submitted = await cluster.submit(eig_job, 6)  # right after an install: workers are there
             jobs = await cluster.gather(eig_job, 6)
-            return first, cold, again, noop, jobs
+            return first, cold, again, noop, jobs, submitted
 
-    first, cold, again, noop, jobs = asyncio.run(go())
+    first, cold, again, noop, jobs, submitted = asyncio.run(go())
     print(f"cold numpy install on 10 hosts: {cold:.2f}s; no-op install: {noop * 1000:.0f} ms")
     assert all(r.ok for r in first), [r.error for r in first if not r.ok]
     for i, r in enumerate(first):
@@ -183,6 +184,7 @@ def test_install_numpy_on_every_host_then_run_jobs_in_it(lab, workdir):
         values, version, prefix = r.value
         assert prefix == inst.value["env"]
         assert np.allclose(values, expected)
+    assert submitted.ok and submitted.value[2] in {r.value["env"] for r in first}
     assert ("node01", "installing") in events and ("node01", "installed") in events
 
 
