@@ -296,7 +296,7 @@ async def install_host(cluster: "Cluster", state: "HostState", reqs: list[str], 
         if not reply["cached"]:
             how, reply = await _build(cluster, state, request, reply, offline, uv, downloads)
     except HostProvisionError as exc:
-        log.warning("install failed", host=name, error=exc.kind)
+        log.warning("install failed", host=name, error=exc.kind, detail=exc.message[-500:])
         cluster.emit(name, "install-failed", {"error": exc.message, "type": exc.kind})
         return failure(name, exc.kind, exc.message, job=state.index, duration=time.perf_counter() - t0)
     value = {"env": reply["env"], "python": reply["python"], "hash": reply["hash"], "cached": reply["cached"],
@@ -331,8 +331,8 @@ async def _build(cluster, state, request, reply, offline, uv, downloads) -> tupl
         sent = await sftp_upload(state, todo)
         log.info("shipped wheels", host=state.name, uploaded=len(todo), skipped=len(wheels) - len(todo), bytes=sent)
     host_methods = [m for m in methods if m != "upload"]
-    if uploaded:
-        host_methods = ["workdir"]
+    if uploaded:  # use it; should it not run there after all, pip is next
+        host_methods = ["workdir"] + [m for m in methods if m in ("pip", "venv-pip")]
     built = await remote_call(state, dict(request, op="build", uv_methods=host_methods))
     if built.get("uv") == "venv-pip":
         log.warning("no uv on the host: built the environment with python -m venv and pip (slower)",

@@ -408,6 +408,16 @@ def _rmtree(path):
     shutil.rmtree(path, ignore_errors=True)
 
 
+def _remove(path):
+    if os.path.isdir(path) and not os.path.islink(path):
+        _rmtree(path)
+    else:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
 def _user():
     try:
         import pwd
@@ -645,7 +655,7 @@ def _build(tmp, req, workdir, facts, reqfile):
             if "--relocatable" not in exc.message:  # an old uv: an ordinary venv
                 raise
             _run([uv, "venv", "--quiet", "--python", facts["executable"], tmp], "uv venv")
-        cmd = [uv, "pip", "install", "--python", os.path.join(tmp, "bin", "python"), "-r", reqfile]
+        cmd = [uv, "pip", "install", "--quiet", "--python", os.path.join(tmp, "bin", "python"), "-r", reqfile]
         if find_links:
             cmd += ["--offline", "--no-index", "--find-links", find_links]
         _run(cmd, "uv pip install")
@@ -693,11 +703,11 @@ def _prune(envs, older_than):
         return {"removed": removed, "kept": kept}
     for name in names:
         path = os.path.join(envs, name)
-        if name.endswith(".lock") or not os.path.isdir(path):
-            continue
         if name.startswith(".del-"):  # an interrupted prune
-            _rmtree(path)
+            _remove(path)
             continue
+        if name.endswith(".lock") or not (os.path.isdir(path) or name.startswith(".tmp-")):
+            continue  # lock files stay: removing one under a waiting builder would break the lock
         h = name[len(".tmp-"):].split("-")[0] if name.startswith(".tmp-") else name
         if not name.startswith("."):
             try:
@@ -715,7 +725,7 @@ def _prune(envs, older_than):
                 continue
             gone = os.path.join(envs, ".del-%s-%d" % (name.lstrip("."), os.getpid()))
             os.rename(path, gone)
-            _rmtree(gone)
+            _remove(gone)
             removed.append(name)
     return {"removed": removed, "kept": kept}
 
@@ -769,7 +779,7 @@ def provision_request(req):
             reply["cached"] = True
             return reply
         for stale in glob.glob(os.path.join(envs, ".tmp-%s-*" % h)):
-            _rmtree(stale)  # an interrupted build: we hold the lock, so nobody owns it
+            _remove(stale)  # an interrupted build: we hold the lock, so nobody owns it
         if os.path.isdir(target):
             _rmtree(target)
         tmp = os.path.join(envs, ".tmp-%s-%d" % (h, os.getpid()))

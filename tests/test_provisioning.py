@@ -122,6 +122,7 @@ def test_provision_request_locally_over_a_pipe(tmp_path):
     (envs / "abc").mkdir(parents=True)
     (envs / "abc" / remote.ENV_MARKER).write_text(json.dumps({"hash": "abc", "requirements": ["six"]}))
     (envs / ".tmp-def-123").mkdir()  # an interrupted build
+    (envs / ".tmp-def-123.txt").write_text("six\n")
     source = Path(remote.__file__).read_bytes()
 
     def call(req):
@@ -132,7 +133,8 @@ def test_provision_request_locally_over_a_pipe(tmp_path):
 
     listed = call({"op": "list", "workdir": str(tmp_path / "wd")})
     assert [(e["hash"], e["complete"], e["requirements"]) for e in listed["envs"]] == [("abc", True, ["six"])]
-    assert call({"op": "prune", "workdir": str(tmp_path / "wd"), "older_than": 3600})["removed"] == [".tmp-def-123"]
+    pruned = call({"op": "prune", "workdir": str(tmp_path / "wd"), "older_than": 3600})
+    assert pruned["removed"] == [".tmp-def-123", ".tmp-def-123.txt"]
     assert (envs / "abc").is_dir()
     assert call({"op": "prune", "workdir": str(tmp_path / "wd"), "older_than": 0})["removed"] == ["abc"]
     assert not (envs / "abc").exists()
