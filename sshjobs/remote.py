@@ -645,7 +645,23 @@ def _get_uv(workdir, methods, find_links):
                            % (", ".join(methods), (":\n" + "\n".join(errors)) if errors else ""))
 
 
-def _build(tmp, req, workdir, facts, reqfile):
+def _retarget(tmp, target):
+    """A venv made by ``python -m venv`` names its folder in scripts and activate files:
+    point them at where it is renamed to (uv's --relocatable venvs need none of this)."""
+    old, new = tmp.encode(), target.encode()
+    bindir = os.path.join(tmp, "bin")
+    for name in os.listdir(bindir):
+        path = os.path.join(bindir, name)
+        if os.path.islink(path) or not os.path.isfile(path) or os.path.getsize(path) > (1 << 20):
+            continue
+        with open(path, "rb") as f:
+            data = f.read()
+        if old in data:
+            with open(path, "wb") as f:
+                f.write(data.replace(old, new))
+
+
+def _build(tmp, req, workdir, facts, reqfile, target):
     find_links = os.path.join(workdir, "wheels") if req.get("offline") else None
     how, uv = _get_uv(workdir, req.get("uv_methods", ["path", "workdir", "pip", "venv-pip"]), find_links)
     if uv:
@@ -666,6 +682,7 @@ def _build(tmp, req, workdir, facts, reqfile):
         if find_links:
             cmd += ["--no-index", "--find-links", find_links]
         _run(cmd, "pip install")
+        _retarget(tmp, target)
     return how, uv
 
 
@@ -787,7 +804,7 @@ def provision_request(req):
         with open(reqfile, "w") as f:
             f.write("".join(line + "\n" for line in list(req.get("options", ())) + list(req["requirements"])))
         try:
-            how, uv = _build(tmp, req, workdir, facts, reqfile)
+            how, uv = _build(tmp, req, workdir, facts, reqfile, target)
             os.rename(reqfile, os.path.join(tmp, ENV_REQUIREMENTS))
             with open(os.path.join(tmp, ENV_MARKER), "w") as f:
                 json.dump({"hash": h, "requirements": req["requirements"], "options": req.get("options", []),

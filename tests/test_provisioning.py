@@ -77,6 +77,13 @@ def eig_job(n):
     return sorted(np.linalg.eigvalsh(m + m.T).tolist()), np.__version__, sys.prefix
 
 
+def run_f2py():
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.prefix + "/bin/f2py", "-v"], capture_output=True).returncode
+
+
 def private(path: Path) -> bool:
     return stat.S_IMODE(path.stat().st_mode) & 0o077 == 0
 
@@ -158,9 +165,10 @@ def test_install_numpy_on_every_host_then_run_jobs_in_it(lab, workdir):
             noop = time.perf_counter() - t0
             submitted = await cluster.submit(eig_job, 6)  # right after an install: workers are there
             jobs = await cluster.gather(eig_job, 6)
-            return first, cold, again, noop, jobs, submitted
+            scripts = await cluster.gather(run_f2py)
+            return first, cold, again, noop, jobs, submitted, scripts
 
-    first, cold, again, noop, jobs, submitted = asyncio.run(go())
+    first, cold, again, noop, jobs, submitted, scripts = asyncio.run(go())
     print(f"cold numpy install on 10 hosts: {cold:.2f}s; no-op install: {noop * 1000:.0f} ms")
     assert all(r.ok for r in first), [r.error for r in first if not r.ok]
     for i, r in enumerate(first):
@@ -186,6 +194,7 @@ def test_install_numpy_on_every_host_then_run_jobs_in_it(lab, workdir):
         values, version, prefix = r.value
         assert prefix == inst.value["env"]
         assert np.allclose(values, expected)
+    assert [r.value for r in scripts] == [0] * 10  # console scripts work after the rename (--relocatable)
     assert submitted.ok and submitted.value[2] in {r.value["env"] for r in first}
     assert ("node01", "installing") in events and ("node01", "installed") in events
 
@@ -320,12 +329,18 @@ def test_offline_hosts_install_from_shipped_wheels(lab, workdir):
 def test_uv_from_pip_and_plain_venv_fallbacks(lab, workdir):
     inv = lab_inventory(lab, workdir).select("node01,node02")
     pip_way = run_install(inv.select("node01"), ["six"], uv="pip")
-    venv_way = run_install(inv.select("node02"), ["six"], uv="venv-pip")
+    venv_way = run_install(inv.select("node02"), ["six", "pyflakes"], uv="venv-pip")
     assert pip_way[0].ok, pip_way[0].error
     assert pip_way[0].value["uv"] == "pip"
     assert venv_way[0].ok, venv_way[0].error
     assert venv_way[0].value["uv"] == "venv-pip"
-    assert inv.select("node02").gather(lambda: __import__("six").__name__, requirements=["six"])[0].value == "six"
+    def tool():  # a console script of the environment runs after the rename
+        import subprocess
+        import sys
+
+        return subprocess.run([sys.prefix + "/bin/pyflakes", "--version"], capture_output=True, text=True).returncode
+
+    assert inv.select("node02").gather(tool, requirements=["six", "pyflakes"])[0].value == 0
 
 
 def run_install(inv, reqs, **kw):
