@@ -259,7 +259,6 @@ class Cluster:
         sshjobs' own; every other keyword goes to ``fn``.
         """
         await self.start()
-        failed = await self._install_for_jobs(requirements)
         try:
             fn_bytes = pickle_function(fn)
             dumps((args, kwargs))
@@ -268,6 +267,7 @@ class Cluster:
         except Exception as exc:
             msg = f"cannot pickle the arguments: {type(exc).__name__}: {exc}"
             return [failure(s.name, "PicklingError", msg, job=s.index) for s in self.states]
+        failed = await self._install_for_jobs(requirements)
         return list(await asyncio.gather(
             *(self._call(s, 0, fn, fn_bytes, args, kwargs, s.index, timeout) if s.index not in failed
               else _as_job(failed[s.index], s.index) for s in self.states)))
@@ -295,13 +295,13 @@ class Cluster:
         ``requirements``: installed first (see ``install``); hosts whose install failed take no items.
         """
         items = list(iterable)
-        await self.start()
-        failed = await self._install_for_jobs(requirements)
-        await self.ensure_slots()
         try:
             fn_bytes = pickle_function(fn)
         except PickleFailure as exc:
             return [failure("-", "PicklingError", exc.message, job=i) for i in range(len(items))]
+        await self.start()
+        failed = await self._install_for_jobs(requirements)
+        await self.ensure_slots()
         run = MapRun(self, fn, fn_bytes, items, chunksize=chunksize, timeout=timeout, retries=retries,
                      exclude=set(failed))
         dead = next((s for s in self.states if s.error), None)
