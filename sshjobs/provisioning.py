@@ -192,7 +192,12 @@ async def sftp_upload(state: "HostState", files: Sequence[tuple[Path, str]], mod
                 # folder is already 0700, and the file gets its own mode before the rename
                 await sftp.put(str(local), tmp)
                 await sftp.chmod(tmp, mode)
-                await sftp.posix_rename(tmp, dest)
+                try:
+                    await sftp.posix_rename(tmp, dest)
+                except asyncssh.SFTPOpUnsupported:  # not OpenSSH: a plain rename fails on an existing file
+                    if await sftp.exists(dest):
+                        await sftp.remove(dest)
+                    await sftp.rename(tmp, dest)
                 sent += local.stat().st_size
     except (asyncssh.Error, OSError) as exc:
         raise HostProvisionError("UploadError", f"{state.host.target}: upload failed: {exc}") from None
