@@ -240,6 +240,9 @@ def test_nonexistent_package_fails_each_host_with_uvs_message_and_runs_nothing(l
     for r in results:
         assert not r.ok and r.error.type == "InstallError"
         assert name in r.error.message and "not found" in r.error.message, r.error.message
+    mapped = inv.map(lambda x: x, range(5), requirements=[name])
+    assert [(r.ok, r.job, r.error.type) for r in mapped] == [(False, i, "InstallError") for i in range(5)]
+    assert name in mapped[0].error.message
     envs = host_path(lab, 0, inv.hosts[0].workdir) / "envs"
     assert [p.name for p in envs.iterdir() if not p.name.endswith(".lock")] == []  # nothing half-built left
 
