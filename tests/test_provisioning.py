@@ -248,7 +248,7 @@ def test_nonexistent_package_fails_each_host_with_uvs_message_and_runs_nothing(l
 
 
 _CONCURRENT = r"""
-import json, os, sys, time
+import json, os, sys
 from sshjobs import Inventory
 barrier = sys.argv[2]
 import asyncio
