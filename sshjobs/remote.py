@@ -790,6 +790,7 @@ def provision_request(req):
     if op != "build":
         raise ProvisionFailure("ProtocolError", "unknown request %r" % op)
     os.makedirs(envs, exist_ok=True)
+    os.chdir(workdir)  # not the home folder: uv would read a pyproject.toml it finds there
     with open(os.path.join(envs, "." + h + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another controller building the same env: wait for it
         if _complete(target):
