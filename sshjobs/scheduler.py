@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import linecache
 import os
@@ -19,7 +20,7 @@ import cloudpickle
 
 from . import remote
 from .result import RemoteError, Result, failure
-from .worker import Worker, WorkerError, decode_results, dumps
+from .worker import AllOk, Worker, WorkerError, decode_results, dumps
 
 DEPTH = 4  # MAP jobs in flight per worker, so tiny items are not bound by round trips
 MAX_CHUNK = 2048
@@ -197,7 +198,19 @@ def make_results(worker: Worker, raw, outputs, indices: Sequence[int], attempts:
     except Exception as exc:  # a broken frame: never silently lose the jobs
         return [failure(host, "ProtocolError", f"cannot decode the result: {exc}", job=i, attempts=attempts)
                 for i in indices]
-    if not outputs and all([d[0] for d in decoded]):  # the common case, kept tight for map
+    if not outputs and type(decoded) is AllOk:  # a chunk of quiet successes, kept tight for map
+        # Thousands of new objects at once: one young-generation collection after them
+        # rather than one every 700, so millions of Results do not keep waking the
+        # cyclic GC's older generations (60% of map's controller CPU otherwise).
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return [Result(host, True, value, None, "", "", took, attempts, index)
+                    for index, value, took in zip(indices, decoded.values, decoded.durations)]
+        finally:
+            if enabled:
+                gc.enable()
+    if not outputs and all([d[0] for d in decoded]):
         results = [Result(host, True, value, None, so, se, took, attempts, index)
                    for index, (_, value, so, se, took) in zip(indices, decoded)]
         decoded = ()
@@ -330,8 +343,12 @@ class MapRun:
                 exc = fut.exception()
                 if exc is None:
                     raw, outputs = fut.result()
-                    for r in make_results(w, raw, outputs, range(start, end), attempt, state.loads, self.fn):
-                        self.results[r.job] = r
+                    done_results = make_results(w, raw, outputs, range(start, end), attempt, state.loads, self.fn)
+                    if len(done_results) == end - start:  # always, by make_results' contract
+                        self.results[start:end] = done_results
+                    else:
+                        for r in done_results:
+                            self.results[r.job] = r
                 elif attempt <= self.retries:
                     self.queue.append((start, end, attempt + 1))
                 else:

@@ -8,6 +8,7 @@ import pickle
 import shlex
 import sys
 from collections import OrderedDict
+from collections.abc import Sequence
 from itertools import repeat
 from pathlib import Path
 
@@ -395,6 +396,31 @@ def dumps(obj: tuple) -> bytes:
     return cloudpickle.dumps(obj, protocol=5)
 
 
+class AllOk(Sequence):
+    """decode_results() of a chunk whose items all succeeded quietly: ``values`` and
+    ``durations``, and the usual (ok, value, stdout, stderr, duration) tuples only on demand."""
+
+    def __init__(self, values: list, durations: list):
+        self.values = values
+        self.durations = durations
+        self._rows: list | None = None
+
+    def _list(self) -> list:
+        if self._rows is None:
+            n = len(self.values)
+            self._rows = list(zip(repeat(True, n), self.values, repeat("", n), repeat("", n), self.durations))
+        return self._rows
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, index):
+        return self._list()[index]
+
+    def __iter__(self):
+        return iter(self._list())
+
+
 def decode_results(body, safe_loads=None) -> list[tuple]:
     """RESULT payload -> [(ok, value or (type, message, traceback), stdout, stderr, duration)]."""
     view = memoryview(body)
@@ -412,7 +438,7 @@ def decode_results(body, safe_loads=None) -> list[tuple]:
             err = ("UnpicklableResult",
                    f"the job's return value could not be unpickled on the controller: {type(exc).__name__}: {exc}", "")
             return list(zip(repeat(False, n), repeat(err, n), repeat("", n), repeat("", n), durations))
-        return list(zip(repeat(True, n), values, repeat("", n), repeat("", n), durations))
+        return AllOk(values, durations)
     out = []
     for ok, so, se, took, size in meta:
         blob = view[pos:pos + size]
