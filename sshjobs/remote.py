@@ -667,6 +667,16 @@ def main():
         _die(0)
 
 
+# Index settings from the host's environment: part of an environment's id (HELLO reports them).
+INDEX_ENV = ("UV_INDEX_URL", "UV_DEFAULT_INDEX", "UV_INDEX", "UV_EXTRA_INDEX_URL", "UV_FIND_LINKS",
+             "UV_NO_INDEX", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_NO_INDEX")
+
+
+def _index_env():
+    return ["%s=%s" % (k, os.environ[k]) for k in INDEX_ENV if os.environ.get(k)]
+
+
+# Workers are sent only the source above this line (sshjobs.worker.WORKER_SOURCE_END).
 # -- environments: what sshjobs.provisioning runs on the host ---------------------------
 # ``python3 -c PROVISION_STUB`` reads this module like the worker does, then one JSON
 # request from the rest of stdin, and prints one JSON reply on stdout.
@@ -674,9 +684,6 @@ def main():
 PROVISION_STUB = STUB.replace("m.main()", "m.provision()")
 ENV_MARKER = "sshjobs-env.json"  # present only in a complete environment
 ENV_REQUIREMENTS = "sshjobs-requirements.txt"
-# Environment variables that change where packages come from: part of an environment's id.
-INDEX_ENV = ("UV_INDEX_URL", "UV_DEFAULT_INDEX", "UV_INDEX", "UV_EXTRA_INDEX_URL", "UV_FIND_LINKS",
-             "UV_NO_INDEX", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_NO_INDEX")
 ERROR_TAIL = 2000  # characters of uv's (or pip's) message kept
 
 
@@ -717,10 +724,6 @@ def python_facts(full=False):
         facts.update(implementation=sys.implementation.name, cache_tag=sys.implementation.cache_tag,
                      platform=sys.platform, machine=os.uname().machine, libc=libc)
     return facts
-
-
-def _index_env():
-    return ["%s=%s" % (k, os.environ[k]) for k in INDEX_ENV if os.environ.get(k)]
 
 
 def _complete(target):
