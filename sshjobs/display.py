@@ -119,7 +119,7 @@ class Progress:
                    f" {jobs_failed} failed | {time.perf_counter() - self.t0:.1f}s")
         if len(shown) < len(hosts):
             caption += f" | {len(hosts) - len(shown)} more hosts not shown"
-        table = Table(title=self.title or None, caption=caption, box=None, pad_edge=False)
+        table = Table(box=None, pad_edge=False)
         table.add_column("host", no_wrap=True)
         table.add_column("state", no_wrap=True)
         table.add_column("running", justify="right")
@@ -131,7 +131,11 @@ class Progress:
             table.add_row(h.name, f"[{style}]{h.state}[/]" if style else h.state, str(h.running or ""),
                           str(h.ok or ""), f"[red]{h.failed}[/]" if h.failed else "",
                           f"[red]{_escape(h.note)}[/]" if h.state == "failed" else _escape(h.note))
-        return table
+        from rich.console import Group
+        from rich.text import Text
+
+        parts = [Text(self.title, style="bold", overflow="ellipsis", no_wrap=True)] if self.title else []
+        return Group(*parts, table, Text(caption, style="dim", overflow="ellipsis", no_wrap=True))
 
 
 # -- values ---------------------------------------------------------------------------
@@ -224,7 +228,7 @@ def _results_table(results, console, verbose, per_host, title) -> None:
     if len(results) > TABLE_ROWS:
         bad = [r for r in results if not r.ok][:TABLE_ROWS]
         shown = sorted(bad + [r for r in results if r.ok][: TABLE_ROWS - len(bad)], key=lambda r: r.job)
-    table = Table(title=title or None, box=None, pad_edge=False, header_style="bold")
+    table = Table(box=None, pad_edge=False, header_style="bold")
     if not per_host:
         table.add_column("job", justify="right", no_wrap=True)
     table.add_column("host", no_wrap=True)
