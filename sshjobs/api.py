@@ -96,7 +96,7 @@ class Cluster:
         try:
             self.on_event(host, event, info)
         except Exception as exc:  # a display's bug must not break the jobs
-            log.error("on_event callback failed", host=host, event=event, error=f"{type(exc).__name__}: {exc}")
+            log.error("on_event callback failed", host=host, failed_event=event, error=f"{type(exc).__name__}: {exc}")
 
     def _emit_running(self, host: str, first: int, count: int) -> None:
         if self.on_event is not None:
@@ -330,7 +330,8 @@ class Cluster:
         return out
 
     async def _submit_later(self, fn: Callable, fn_bytes: bytes, args: tuple, kwargs: dict) -> Result:
-        await self.start()
+        # No live worker yet (first call, or all were replaced): wait for the slots to start.
+        await self.ensure_slots()
         worker = least_loaded(self.live_workers())
         if worker is None:
             dead = next((s for s in self.states if s.error), None)

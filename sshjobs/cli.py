@@ -216,14 +216,15 @@ def _run(coro: Awaitable) -> Any:
 
 
 def run_jobs(inv: Inventory, opts: Options, work: Callable[[Cluster], Awaitable[list[Result]]], *,
-             title: str, per_host: bool = False, what: str = "jobs") -> int:
+             title: str, per_host: bool = False, what: str = "jobs", offline: bool | None = None) -> int:
     """Connect, run ``work(cluster)`` under the live display, print the results; the exit code."""
     console = opts.console() if not opts.quiet else None
     progress = Progress([h.name for h in inv], console=console, title=title)
+    options = {"offline": offline} if offline is not None else {}
 
     async def go() -> list[Result]:
         with progress:
-            async with Cluster(inv, on_event=progress.event) as cluster:
+            async with Cluster(inv, on_event=progress.event, **options) as cluster:
                 return await work(cluster)
 
     t0 = time.perf_counter()
@@ -248,12 +249,6 @@ def emit_results(results: list[Result], opts: Options, *, per_host: bool = False
     console = opts.console()
     print_results(results, console=console, verbose=opts.verbose, per_host=per_host,
                   title=title if console is not None else "")
-
-
-async def _install_first(cluster: Cluster, reqs: list[str], offline: bool | None) -> list[Result]:
-    """Install on every host; the failed hosts' Results (install errors), [] when all is well."""
-    results = await cluster.install(reqs, offline=offline)
-    return [r for r in results if not r.ok]
 
 
 # -- the commands ---------------------------------------------------------------------------
@@ -294,13 +289,10 @@ def run(target, args, packages, requirement_files, offline, **kw):
         _need_install()
 
     async def work(cluster: Cluster) -> list[Result]:
-        extra = {}
-        if reqs:
-            await _install_first(cluster, reqs, offline)
-            extra["requirements"] = reqs
+        extra = {"requirements": reqs} if reqs else {}  # installed first; jobs run in that environment
         return await cluster.gather(fn, *values, timeout=opts.timeout, **extra)
 
-    return run_jobs(inv, opts, work, title=f"run {target}")
+    return run_jobs(inv, opts, work, title=f"run {target}", offline=offline)
 
 
 @cli.command("map")
@@ -331,13 +323,10 @@ def map_cmd(target, count, args_file, retries, packages, requirement_files, offl
         _need_install()
 
     async def work(cluster: Cluster) -> list[Result]:
-        extra = {}
-        if reqs:
-            await _install_first(cluster, reqs, offline)
-            extra["requirements"] = reqs
+        extra = {"requirements": reqs} if reqs else {}
         return await cluster.map(fn, items, timeout=opts.timeout, retries=retries, **extra)
 
-    return run_jobs(inv, opts, work, title=f"map {target}")
+    return run_jobs(inv, opts, work, title=f"map {target}", offline=offline)
 
 
 @cli.command()

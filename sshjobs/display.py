@@ -66,12 +66,13 @@ class Progress:
                 h.note = _first_line(str(info["error"]))
             if h.state != "failed":
                 h.state = "running" if h.running else "done"
-        elif event in ("failed", "install-failed"):
+        elif event == "failed":  # the host is unusable
             h.state = "failed"
             h.running = 0
-            detail = info.get("message") or info.get("error") or ""
-            h.note = _first_line(f"{info['error']}: {info['message']}" if info.get("error") and info.get("message")
-                                 else str(detail))
+            h.note = _first_line(f"{info.get('error', 'Error')}: {info.get('message', '')}")
+        elif event == "install-failed":
+            h.state = "failed"
+            h.note = _first_line(f"{info.get('type', 'InstallError')}: {info.get('error', '')}")
         elif event == "connected":
             h.state = "connected"
             if info.get("python"):
