@@ -22,6 +22,14 @@ import asyncssh
 
 SSHD = "/usr/sbin/sshd"
 BLAS_ENV = "OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1"
+# The lab's hosts are this machine: they trust the certificates it trusts. Where HTTPS goes
+# through a TLS-inspecting proxy, uv (which ships its own roots) needs the system bundle.
+TLS_ENV = ("SSL_CERT_FILE", "SSL_CERT_DIR")
+
+
+def _host_env() -> str:
+    extra = [f"{k}={os.environ[k]}" for k in TLS_ENV if os.environ.get(k) and os.path.exists(os.environ[k])]
+    return " ".join([BLAS_ENV, *(f'"{e}"' if " " in e else e for e in extra)])
 
 
 class LabError(RuntimeError):
@@ -181,7 +189,7 @@ class Lab:
             "PubkeyAuthentication": "yes",
             "StrictModes": "no",
             "Subsystem": "sftp internal-sftp",
-            "SetEnv": BLAS_ENV,
+            "SetEnv": _host_env(),
             "LogLevel": "ERROR",
         }
         opts.update(self.sshd_options)
