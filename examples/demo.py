@@ -45,6 +45,7 @@ async def demo(inv: Inventory, offline: bool | None) -> int:
         jobs = sum(1 for r in installed if r.ok)
         if not jobs:
             return 1
+        await cluster.ensure_slots()  # the workers now run in numpy's environment: start them
 
         print(f"Submitting {jobs} jobs in parallel...", flush=True)
         t0 = time.perf_counter()

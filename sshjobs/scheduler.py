@@ -193,6 +193,9 @@ class MapRun:
         size = self.chunksize or (1 if self.timeout else chunk_size(n, max(1, len(workers))))
         for start in range(0, n, size):
             self.queue.append((start, min(n, start + size), 1))
+        # Few jobs: one pump must not take several while other slots stay idle.
+        slots = max(1, len(self.cluster.slots()))
+        self.depth = max(1, min(self.depth, -(-len(self.queue) // slots)))
         # Pumps for every slot of every usable host; a pump whose worker dies replaces it.
         pumps = [asyncio.create_task(self.pump(state, slot)) for state, slot in self.cluster.slots()]
         try:

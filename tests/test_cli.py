@@ -103,6 +103,15 @@ def test_map_range_returns_every_item_in_input_order(invfile, jobs):
     assert len({r["host"] for r in rows}) > 1
 
 
+def test_map_spreads_a_few_slow_jobs_over_every_host(invfile, jobs, tmp_path):
+    items = tmp_path / "naps.jsonl"
+    items.write_text("0.3\n" * 10)
+    p = sshjobs("map", "-i", invfile, f"{jobs}:nap", "--args", items, "--json")
+    assert p.returncode == 0, p.stderr
+    rows = json_lines(p.stdout)
+    assert len({r["host"] for r in rows}) == 10  # one job per host, not four on the first
+
+
 def test_map_args_file_one_json_value_per_line(invfile, jobs, tmp_path):
     items = [1, "two", [3, 4], {"five": 5}, None, 2.5]
     args = tmp_path / "items.jsonl"
