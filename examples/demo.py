@@ -75,10 +75,6 @@ def main() -> int:
     args = parser.parse_args()
     configure(logging.WARNING)
 
-    if not hasattr(Cluster, "install"):
-        print("this sshjobs cannot install packages on hosts yet (Cluster.install is missing)", file=sys.stderr)
-        return 2
-
     lab = None
     if args.inventory:
         inv = Inventory.load(args.inventory)

@@ -129,9 +129,15 @@ def read_requirements(packages: tuple[str, ...], files: tuple[str, ...]) -> list
     return reqs
 
 
-def _need_install(cluster_cls=Cluster) -> None:
-    if not hasattr(cluster_cls, "install"):
-        raise UserError("this version of sshjobs cannot install packages on hosts (Cluster.install is missing)")
+def check_requirements(reqs: list[str]) -> list[str]:
+    """Refuse what the installer would refuse (-e, nested -r), before connecting anywhere."""
+    from .provisioning import ProvisionError, parse_requirements
+
+    try:
+        parse_requirements(reqs)
+    except ProvisionError as exc:
+        raise UserError(str(exc)) from None
+    return reqs
 
 
 # -- job targets ---------------------------------------------------------------------------
@@ -284,9 +290,7 @@ def run(target, args, packages, requirement_files, offline, **kw):
     fn = load_target(target)
     values = [parse_arg(a) for a in args]
     inv = load_inventory(opts)
-    reqs = read_requirements(packages, requirement_files)
-    if reqs:
-        _need_install()
+    reqs = check_requirements(read_requirements(packages, requirement_files)) if packages or requirement_files else []
 
     async def work(cluster: Cluster) -> list[Result]:
         extra = {"requirements": reqs} if reqs else {}  # installed first; jobs run in that environment
@@ -318,9 +322,7 @@ def map_cmd(target, count, args_file, retries, packages, requirement_files, offl
     fn = load_target(target)
     items = list(range(count)) if count is not None else read_items(args_file)
     inv = load_inventory(opts)
-    reqs = read_requirements(packages, requirement_files)
-    if reqs:
-        _need_install()
+    reqs = check_requirements(read_requirements(packages, requirement_files)) if packages or requirement_files else []
 
     async def work(cluster: Cluster) -> list[Result]:
         extra = {"requirements": reqs} if reqs else {}
@@ -346,7 +348,7 @@ def install(packages, requirement_files, offline, **kw):
     reqs = read_requirements(packages, requirement_files)
     if not reqs:
         raise click.UsageError("name at least one package, or -r FILE")
-    _need_install()
+    check_requirements(reqs)
     inv = load_inventory(opts)
 
     async def work(cluster: Cluster) -> list[Result]:
@@ -569,6 +571,97 @@ def inventory(inventory, limit, as_json):
              h.python, h.workdir, ",".join(k for k, _ in h.env) or "-"] for h in inv]
     _print_table(headers, rows, opts.console())
     return EXIT_OK
+
+
+# -- environments on the hosts ---------------------------------------------------------------
+@cli.group()
+def env():
+    """The package environments sshjobs built on the hosts (see `sshjobs install`)."""
+
+
+@env.command("list")
+@_inventory_options
+@_output_options
+def env_list(**kw):
+    """The environments on every host: requirements, Python, created, last used."""
+    opts = _options(kw)
+    inv = load_inventory(opts)
+
+    async def work(cluster: Cluster) -> list[Result]:
+        return await cluster.list_envs()
+
+    results = _run(_with_cluster(inv, opts, work, "env list"))
+    if opts.as_json:
+        emit_results(results, opts)
+    else:
+        rows, ok = [], []
+        now = time.time()
+        for r in results:
+            if not r.ok:
+                rows.append([r.host, "-", "-", "-", "-", "-", f"{r.error.type}: {r.error.message}" if r.error else ""])
+                ok.append(False)
+                continue
+            for e in r.value or [{"hash": "(none)"}]:
+                rows.append([r.host, str(e.get("hash", ""))[:12], " ".join(e.get("requirements", [])) or "-",
+                             _python_id(e.get("python")), _age(now, e.get("created")), _age(now, e.get("last_used")),
+                             "" if e.get("complete", True) else "incomplete"])
+                ok.append(True)
+        _print_table(["host", "env", "requirements", "python", "created", "last used", ""], rows,
+                     opts.console(), ok=ok)
+    return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
+
+
+@env.command("prune")
+@click.option("--older-than", default="7d", show_default=True, metavar="AGE",
+              help="Remove environments not used for AGE (30m, 12h, 7d, 2w) and interrupted builds.")
+@_inventory_options
+@_output_options
+def env_prune(older_than, **kw):
+    """Remove environments nobody used lately (one in use right now is kept)."""
+    from .provisioning import parse_age
+
+    opts = _options(kw)
+    try:
+        parse_age(older_than)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--older-than") from None
+    inv = load_inventory(opts)
+
+    async def work(cluster: Cluster) -> list[Result]:
+        return await cluster.prune_envs(older_than)
+
+    results = _run(_with_cluster(inv, opts, work, "env prune"))
+    if opts.as_json:
+        emit_results(results, opts)
+    else:
+        rows = [[r.host, str(len(r.value["removed"])), str(len(r.value["kept"])), ""] if r.ok else
+                [r.host, "-", "-", f"{r.error.type}: {r.error.message}" if r.error else "failed"] for r in results]
+        _print_table(["host", "removed", "kept", "error"], rows, opts.console(), ok=[r.ok for r in results])
+    return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
+
+
+async def _with_cluster(inv: Inventory, opts: Options, work, title: str):
+    console = opts.console() if not opts.quiet else None
+    progress = Progress([h.name for h in inv], console=console, title=title)
+    with progress:
+        async with Cluster(inv, on_event=progress.event) as cluster:
+            return await work(cluster)
+
+
+def _age(now: float, then: float | None) -> str:
+    if not then:
+        return "-"
+    s = max(0.0, now - then)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{s / size:.0f}{unit} ago"
+    return f"{s:.0f}s ago"
+
+
+def _python_id(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    return str(value or "-")
 
 
 # -- the lab ------------------------------------------------------------------------------------

@@ -187,10 +187,16 @@ def result_json(r: Result, **extra: Any) -> dict:
     return out
 
 
-def error_line(r: Result) -> str:
+def error_line(r: Result, width: int = 400) -> str:
+    """The error on one line: multi-line messages (an installer's output) are joined."""
     if r.error is None:
         return "failed"
-    return _first_line(f"{r.error.type}: {r.error.message}" if r.error.message else r.error.type)
+    text = f"{r.error.type}: {r.error.message}" if r.error.message else r.error.type
+    return short_text(" ".join(line.strip() for line in text.splitlines() if line.strip()), width)
+
+
+def short_text(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _first_line(text: str) -> str:

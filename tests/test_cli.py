@@ -19,14 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from sshjobs import Cluster
 from sshjobs.lab import Lab
 
 from .conftest import LAB_SUBNET, wait_no_processes
 
 ROOT = Path(__file__).resolve().parent.parent
-needs_install = pytest.mark.skipif(not hasattr(Cluster, "install"),
-                                   reason="Cluster.install (the dependency issue) has not landed yet")
 
 JOBS = '''
 import os, pwd, time
@@ -424,7 +421,6 @@ def test_python_dash_m_and_the_console_script(invfile):
 
 
 # -- install and the demo (the dependency issue) --------------------------------------------------------------
-@needs_install
 def test_install_then_run_a_job_importing_it(invfile, jobs, tmp_path):
     p = sshjobs("install", "-i", invfile, "--limit", "node01,node02", "six", "--json")
     assert p.returncode == 0, p.stdout + p.stderr
@@ -439,7 +435,6 @@ def test_install_then_run_a_job_importing_it(invfile, jobs, tmp_path):
     assert all(r["ok"] and r["value"] for r in json_lines(p.stdout))
 
 
-@needs_install
 def test_install_of_a_package_that_does_not_exist_exits_1(invfile):
     p = sshjobs("install", "-i", invfile, "--limit", "node03", "sshjobs-no-such-package-xyz", "--json")
     assert p.returncode == 1
@@ -447,7 +442,6 @@ def test_install_of_a_package_that_does_not_exist_exits_1(invfile):
     assert not row["ok"] and row["error"]["message"]
 
 
-@needs_install
 def test_the_demo_prints_the_seed_shape_with_the_in_process_values(lab):
     np = pytest.importorskip("numpy")  # noqa: F841  (the in-process reference needs numpy here)
     sys.path.insert(0, str(ROOT / "examples"))
