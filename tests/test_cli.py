@@ -435,6 +435,42 @@ def test_install_then_run_a_job_importing_it(invfile, jobs, tmp_path):
     assert all(r["ok"] and r["value"] for r in json_lines(p.stdout))
 
 
+def test_env_list_and_prune(lab, tmp_path):
+    # a workdir of its own, so that pruning leaves the other tests' environments alone
+    invfile = lab.write_inventory(tmp_path / "envtest.toml")
+    invfile.write_text(invfile.read_text().replace('workdir = "~/.cache/sshjobs"',
+                                                   'workdir = "~/.cache/sshjobs-envtest"'))
+    sshjobs("env", "prune", "-i", invfile, "--limit", "node06", "--older-than", "0s")  # a previous run's
+    p = sshjobs("install", "-i", invfile, "--limit", "node06", "six", "--json")
+    assert p.returncode == 0, p.stdout + p.stderr
+    env_hash = json_lines(p.stdout)[0]["value"]["hash"]
+    listed = sshjobs("env", "list", "-i", invfile, "--limit", "node06", "--json")
+    assert listed.returncode == 0, listed.stderr
+    (row,) = json_lines(listed.stdout)
+    assert [(e["hash"], e["requirements"], e["complete"]) for e in row["value"]] == [(env_hash, ["six"], True)]
+    plain = sshjobs("env", "list", "-i", invfile, "--limit", "node06")
+    assert re.search(rf"^node06 +{env_hash[:12]} +six ", plain.stdout, re.M)
+
+    kept = json_lines(sshjobs("env", "prune", "-i", invfile, "--limit", "node06", "--older-than", "1d",
+                              "--json").stdout)
+    assert (kept[0]["value"]["removed"], kept[0]["value"]["kept"]) == ([], [env_hash])
+    pruned = json_lines(sshjobs("env", "prune", "-i", invfile, "--limit", "node06", "--older-than", "0s",
+                                "--json").stdout)
+    assert pruned[0]["value"]["removed"] == [env_hash]
+    assert json_lines(sshjobs("env", "list", "-i", invfile, "--limit", "node06", "--json").stdout)[0]["value"] == []
+    bad = sshjobs("env", "prune", "-i", invfile, "--older-than", "soon")
+    assert bad.returncode == 2 and "not an age" in bad.stderr
+
+
+def test_requirements_the_installer_refuses_exit_2_before_connecting(invfile, tmp_path, jobs):
+    reqs = tmp_path / "requirements.txt"
+    reqs.write_text("-e .\n")
+    for args in (["install", "-i", invfile, "-r", reqs], ["run", "-i", invfile, "-r", reqs, f"{jobs}:echo", "1"]):
+        p = sshjobs(*args)
+        assert p.returncode == 2, p.stderr
+        assert "unsupported requirements line (list the requirements instead): -e ." in p.stderr
+
+
 def test_install_of_a_package_that_does_not_exist_exits_1(invfile):
     p = sshjobs("install", "-i", invfile, "--limit", "node03", "sshjobs-no-such-package-xyz", "--json")
     assert p.returncode == 1
