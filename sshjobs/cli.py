@@ -24,12 +24,10 @@ import click
 
 from . import __version__
 from .api import Cluster
-from .display import Progress, fmt_seconds, fold, print_results, result_json, short, summary
+from .display import Progress, fmt_seconds, fold, print_results, result_json, summary
 from .inventory import Inventory, InventoryError
-from .log import configure, get_logger
+from .log import configure
 from .result import Result
-
-log = get_logger("sshjobs.cli")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEFAULT_INVENTORY = "hosts.toml"

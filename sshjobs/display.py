@@ -15,7 +15,6 @@ from .result import Result
 
 log = get_logger("sshjobs.cli")
 
-FINAL = ("done", "failed", "installed")
 _STYLE = {
     "waiting": "dim", "connecting": "cyan", "connected": "blue", "installing": "magenta",
     "installed": "green", "running": "yellow", "done": "green", "failed": "bold red",

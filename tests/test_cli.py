@@ -13,7 +13,6 @@ import struct
 import subprocess
 import sys
 import termios
-import textwrap
 import time
 from pathlib import Path
 
