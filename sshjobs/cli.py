@@ -24,7 +24,7 @@ import click
 
 from . import __version__
 from .api import Cluster
-from .display import Progress, fmt_seconds, fold, print_results, result_json, summary
+from .display import Progress, fmt_seconds, fold, print_results, result_json, short, summary
 from .inventory import Inventory, InventoryError
 from .log import configure
 from .result import Result
@@ -220,7 +220,8 @@ def _run(coro: Awaitable) -> Any:
 
 
 def run_jobs(inv: Inventory, opts: Options, work: Callable[[Cluster], Awaitable[list[Result]]], *,
-             title: str, per_host: bool = False, what: str = "jobs", offline: bool | None = None) -> int:
+             title: str, per_host: bool = False, what: str = "jobs", offline: bool | None = None,
+             describe: Callable[[Any], str] | None = None) -> int:
     """Connect, run ``work(cluster)`` under the live display, print the results; the exit code."""
     console = opts.console() if not opts.quiet else None
     progress = Progress([h.name for h in inv], console=console, title=title)
@@ -234,7 +235,7 @@ def run_jobs(inv: Inventory, opts: Options, work: Callable[[Cluster], Awaitable[
     t0 = time.perf_counter()
     results = _run(go())
     elapsed = time.perf_counter() - t0
-    emit_results(results, opts, per_host=per_host, title=title)
+    emit_results(results, opts, per_host=per_host, title=title, describe=describe)
     if not opts.as_json and not opts.quiet:
         line = summary(results, elapsed, what)
         if console is not None:
@@ -244,7 +245,8 @@ def run_jobs(inv: Inventory, opts: Options, work: Callable[[Cluster], Awaitable[
     return EXIT_OK if results and all(r.ok for r in results) else EXIT_FAILED
 
 
-def emit_results(results: list[Result], opts: Options, *, per_host: bool = False, title: str = "") -> None:
+def emit_results(results: list[Result], opts: Options, *, per_host: bool = False, title: str = "",
+                 describe: Callable[[Any], str] | None = None) -> None:
     if opts.as_json:
         for r in results:
             sys.stdout.write(json.dumps(result_json(r)) + "\n")
@@ -252,7 +254,7 @@ def emit_results(results: list[Result], opts: Options, *, per_host: bool = False
         return
     console = opts.console()
     print_results(results, console=console, verbose=opts.verbose, per_host=per_host,
-                  title=title if console is not None else "")
+                  title=title if console is not None else "", describe=describe)
 
 
 # -- the commands ---------------------------------------------------------------------------
@@ -352,7 +354,16 @@ def install(packages, requirement_files, offline, **kw):
     async def work(cluster: Cluster) -> list[Result]:
         return await cluster.install(reqs, offline=offline)
 
-    return run_jobs(inv, opts, work, title=f"install {' '.join(reqs)}", per_host=True, what="hosts")
+    return run_jobs(inv, opts, work, title=f"install {' '.join(reqs)}", per_host=True, what="hosts",
+                    describe=_describe_env)
+
+
+def _describe_env(value: Any) -> str:
+    """An install Result's value in short: the environment and how it came to be."""
+    if not isinstance(value, dict) or "hash" not in value:
+        return short(value)
+    how = "already there" if value.get("cached") else f"built (uv: {value.get('uv')})"
+    return f"env {value['hash']} {how}: {value.get('env', '')}"
 
 
 @cli.command()

@@ -219,15 +219,18 @@ TABLE_ROWS = 200  # rows of a terminal result table; --json or a pipe gives ever
 
 
 def print_results(results: list[Result], *, console=None, out: TextIO | None = None, verbose: int = 0,
-                  per_host: bool = False, title: str = "") -> None:
-    """A rich table on a terminal (``console``), else one plain line per result on ``out``."""
+                  per_host: bool = False, title: str = "", describe=None) -> None:
+    """A rich table on a terminal (``console``), else one plain line per result on ``out``.
+
+    ``describe(value) -> str`` replaces the value's repr (``install`` shows the environment).
+    """
     if console is not None:
-        _results_table(results, console, verbose, per_host, title)
+        _results_table(results, console, verbose, per_host, title, describe)
     else:
-        _results_plain(results, out or sys.stdout, verbose, per_host)
+        _results_plain(results, out or sys.stdout, verbose, per_host, describe)
 
 
-def _results_table(results, console, verbose, per_host, title) -> None:
+def _results_table(results, console, verbose, per_host, title, describe=None) -> None:
     from rich.table import Table
 
     shown = results
@@ -242,7 +245,8 @@ def _results_table(results, console, verbose, per_host, title) -> None:
     table.add_column("duration", justify="right", no_wrap=True)
     for r in shown:
         cells = [] if per_host else [str(r.job)]
-        value = _escape(short(r.value, 200)) if r.ok else f"[red]{_escape(error_line(r))}[/]"
+        text = describe(r.value) if describe else short(r.value, 200)
+        value = _escape(text) if r.ok else f"[red]{_escape(error_line(r))}[/]"
         mark = "[green]✓[/]" if r.ok else "[red]✗[/]"
         cells += [f"{mark} {_escape(r.host)}", value, fmt_seconds(r.duration)]
         table.add_row(*cells)
@@ -257,12 +261,15 @@ def _results_table(results, console, verbose, per_host, title) -> None:
         console.print("[dim]-v shows the remote tracebacks and the jobs' output[/]")
 
 
-def _results_plain(results, out, verbose, per_host) -> None:
+def _results_plain(results, out, verbose, per_host, describe=None) -> None:
     width = max((len(r.host) for r in results), default=4)
     for r in results:
         job = "" if per_host else f"job-{r.job}  "
         status = "ok    " if r.ok else "FAILED"
-        text = short(r.value, None if verbose else 200) if r.ok else error_line(r)
+        if not r.ok:
+            text = error_line(r)
+        else:
+            text = describe(r.value) if describe else short(r.value, None if verbose else 200)
         out.write(f"{job}{r.host:<{width}}  {status}  {fmt_seconds(r.duration):>8}  {text}\n")
         if verbose:
             _details(r, lambda text, style="": out.write(text + "\n"), per_host)

@@ -425,6 +425,9 @@ def test_install_then_run_a_job_importing_it(invfile, jobs, tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     rows = json_lines(p.stdout)
     assert [r["host"] for r in rows] == ["node01", "node02"] and all(r["ok"] for r in rows)
+    again = sshjobs("install", "-i", invfile, "--limit", "node01,node02", "six")
+    assert again.returncode == 0
+    assert re.search(rf"^node01 +ok .* env {rows[0]['value']['hash']} already there: /", again.stdout, re.M)
     jobfile = tmp_path / "usesix.py"
     jobfile.write_text("def version(_=None):\n    import six\n    return six.__version__\n")
     reqs = tmp_path / "requirements.txt"
