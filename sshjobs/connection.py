@@ -69,6 +69,46 @@ def connect_options(host: Host) -> dict:
     return opts
 
 
+def known_hosts_path(host: Host) -> str:
+    return host.known_hosts or os.path.expanduser("~/.ssh/known_hosts")
+
+
+def known_host_entry(host: Host) -> str:
+    """The known_hosts name of a host: ``addr`` on port 22, ``[addr]:port`` otherwise."""
+    port = host.port or 22
+    return host.address if port == 22 else f"[{host.address}]:{port}"
+
+
+def is_known(host: Host) -> bool:
+    """Whether known_hosts holds any key (or CA, or revocation) for this host."""
+    path = known_hosts_path(host)
+    if not os.path.exists(path):
+        return False
+    port = host.port if host.port and host.port != 22 else None
+    try:
+        found = asyncssh.match_known_hosts(path, host.address, host.address, port)
+    except (OSError, ValueError, asyncssh.Error):
+        return True  # unreadable or odd: stay strict and let the connect say why
+    return any(found[:3])
+
+
+def record_host_key(host: Host, conn: asyncssh.SSHClientConnection) -> None:
+    """accept-new: append the key a host showed on first contact to known_hosts."""
+    key = conn.get_server_host_key()
+    if key is None:
+        return
+    path = known_hosts_path(host)
+    parent = os.path.dirname(path)
+    if parent and not os.path.isdir(parent):
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+    line = f"{known_host_entry(host)} {key.export_public_key('openssh').decode().strip()}\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "a") as f:
+        f.write(line)
+    log.warning("host key recorded on first contact (accept-new)", host=host.name,
+                fingerprint=key.get_fingerprint(), known_hosts=path)
+
+
 def describe_error(host: Host, exc: BaseException) -> ConnectError:
     """One clear sentence per way a connect fails; never includes secrets."""
     target = host.target
@@ -95,13 +135,26 @@ async def open_connection(host: Host, attempts: int = 4) -> asyncssh.SSHClientCo
     """Connect and log in; a dropped connect (MaxStartups) is retried with backoff."""
     opts = connect_options(host)
     if host.host_key_checking is False:
-        log.warning("host key checking is off", host=host.name)
+        log.warning("host key checking is off: the host's identity is not verified", host=host.name)
+    accept_new = host.host_key_checking == "accept-new" and not is_known(host)
+    if accept_new:
+        # First contact: take the key the host shows (trust on first use) and record it;
+        # from then on the recorded key is checked and a changed key is refused.
+        opts["known_hosts"] = None
     delay = 0.1
     for attempt in range(1, attempts + 1):
         try:
-            return await asyncio.wait_for(
+            conn = await asyncio.wait_for(
                 asyncssh.connect(host.address, **opts), timeout=host.connect_timeout + 1
             )
+            if accept_new:
+                try:
+                    record_host_key(host, conn)
+                except OSError as exc:
+                    conn.close()
+                    raise ConnectError("HostKeyError", f"{host.target}: cannot record the host key in"
+                                       f" {known_hosts_path(host)}: {exc.strerror or exc}") from None
+            return conn
         except _RETRYABLE as exc:
             if attempt == attempts:
                 raise describe_error(host, exc) from None

@@ -209,6 +209,7 @@ class Worker:
         for key in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ.setdefault(key, threads)
         workdir = os.path.expanduser(config.get("workdir") or "~/.cache/sshjobs")
+        _private_dir(workdir)
         want = config.get("cloudpickle")
         have = self._import_cloudpickle(workdir, want)
         hello = {
@@ -255,7 +256,8 @@ class Worker:
             for rel, source in sources.items():
                 path = os.path.join(tmp, rel)
                 os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-                with open(path, "w", encoding="utf-8") as f:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
                     f.write(source)
             try:
                 os.rename(tmp, lib)
@@ -396,6 +398,17 @@ def _load_from_sources(sources):
     import cloudpickle
 
     return cloudpickle
+
+
+def _private_dir(path):
+    """Create the workdir (parents as needed) and keep it mode 0700: everything sshjobs
+    puts on a host lives below it, out of other users' reach."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        if os.stat(path).st_mode & 0o777 != 0o700:
+            os.chmod(path, 0o700)
+    except OSError:
+        pass  # a read-only home: nothing is written (cloudpickle is loaded from memory)
 
 
 def _rmtree(path):

@@ -16,6 +16,7 @@ import cloudpickle
 from . import remote
 from .connection import HostLink, env_prefix, shell_word
 from .log import get_logger
+from .safe import RefusedType
 
 log = get_logger("sshjobs.worker")
 
@@ -24,6 +25,7 @@ _STUB_WORD = shlex.quote(remote.STUB)
 _FUNC_CACHE = 1024  # functions a worker keeps; older ones are forgotten
 STDERR_TAIL = 64 * 1024
 MAX_OUTPUT = 16 * 1024 * 1024  # characters of a job's stdout (and of its stderr) kept
+_EARLY_ENV = ("PYTHON", "LD_")  # read when the interpreter starts: must be on the command line
 
 
 class OutputTail:
@@ -136,7 +138,11 @@ class Worker:
 
     # -- lifecycle -------------------------------------------------------------
     def command(self) -> str:
-        return f"exec {env_prefix(self.env)}{shell_word(self.python)} -c {_STUB_WORD}"
+        # Only what the interpreter needs at start goes on the command line, which any user
+        # of the host can read (ps) and asyncssh logs; other values (tokens, proxies) travel
+        # in the CONFIG frame and the worker puts them in its environment.
+        early = {k: v for k, v in self.env.items() if k.startswith(_EARLY_ENV)}
+        return f"exec {env_prefix(early)}{shell_word(self.python)} -c {_STUB_WORD}"
 
     async def start(self, timeout: float = 60.0) -> "Worker":
         conn, self._release = await self.link.acquire()
@@ -146,12 +152,16 @@ class Worker:
             self._chan, _ = await conn.create_session(lambda: _Session(self), self.command(), encoding=None)
         except asyncssh.ChannelOpenError as exc:
             self._release()
+            if conn.is_closed():
+                raise WorkerError("HostLost", f"{self.host.target}: connection lost: {exc.reason}") from None
             raise WorkerError("WorkerStartError", f"{self.host.target}: cannot open a channel: {exc.reason}") from None
         except (asyncssh.Error, OSError) as exc:
             self._release()
             raise WorkerError("HostLost", f"{self.host.target}: connection lost while starting a worker: {exc}") from None
         self.alive = True
-        config = {"cloudpickle": cloudpickle.__version__, "workdir": self.host.workdir, "slots": self.slots}
+        late = {k: v for k, v in self.env.items() if not k.startswith(_EARLY_ENV)}
+        config = {"cloudpickle": cloudpickle.__version__, "workdir": self.host.workdir, "slots": self.slots,
+                  "env": late}
         self._chan.write(b"%d\n" % len(_REMOTE_SOURCE) + _REMOTE_SOURCE
                          + remote.pack(remote.CONFIG, 0, json.dumps(config).encode()))
         try:
@@ -368,13 +378,16 @@ def dumps(obj: tuple) -> bytes:
 
 
 def decode_results(body, safe_loads=None) -> list[tuple]:
-    """RESULT payload -> [(ok, value or (type, message, traceback), stdout, stderr, duration)]."""
+    """RESULT payload -> [(ok, value or (type, message, traceback), stdout, stderr, duration)].
+
+    With ``safe_loads`` (safe_results) every part the host sent goes through it, the
+    bookkeeping and error tuples included, not only the values."""
     view = memoryview(body)
     (mlen,) = remote.META_LEN.unpack_from(view, 0)
     pos = remote.META_LEN.size
-    meta = pickle.loads(view[pos:pos + mlen])
-    pos += mlen
     loads = safe_loads or pickle.loads
+    meta = loads(view[pos:pos + mlen])
+    pos += mlen
     out = []
     for ok, so, se, took, size in meta:
         blob = view[pos:pos + size]
@@ -382,12 +395,14 @@ def decode_results(body, safe_loads=None) -> list[tuple]:
         if ok:
             try:
                 value = loads(blob)
+            except RefusedType as exc:
+                ok = False
+                value = ("UnsafeResult", str(exc), "")
             except Exception as exc:
                 ok = False
                 value = ("UnpicklableResult",
                          f"the job's return value could not be unpickled on the controller: {type(exc).__name__}: {exc}", "")
         else:
-            value = pickle.loads(blob)
+            value = loads(blob)
         out.append((ok, value, so, se, took))
     return out
-
