@@ -202,14 +202,14 @@ class Cluster:
         await self.start()
         try:
             fn_bytes = pickle_function(fn)
-            dumps((args, kwargs))
+            body = dumps((args, kwargs))  # once: every host's frame shares these bytes
         except PickleFailure as exc:
             return [failure(s.name, "PicklingError", exc.message, job=s.index) for s in self.states]
         except Exception as exc:
             msg = f"cannot pickle the arguments: {type(exc).__name__}: {exc}"
             return [failure(s.name, "PicklingError", msg, job=s.index) for s in self.states]
         return list(await asyncio.gather(
-            *(self._call(s, 0, fn, fn_bytes, args, kwargs, s.index, timeout, self._loads(s, safe_results))
+            *(self._call(s, 0, fn, fn_bytes, body, s.index, timeout, self._loads(s, safe_results))
               for s in self.states)))
 
     def _loads(self, state: HostState, safe_results) -> Callable | None:
@@ -217,14 +217,14 @@ class Cluster:
             return state.loads
         return safe.resolve(safe_results, self.safe_results, state.host.safe_results)
 
-    async def _call(self, state: HostState, slot: int, fn: Callable, fn_bytes: bytes, args: tuple,
-                    kwargs: dict, index: int, timeout: float | None, loads=None) -> Result:
+    async def _call(self, state: HostState, slot: int, fn: Callable, fn_bytes: bytes, body: bytes,
+                    index: int, timeout: float | None, loads=None) -> Result:
         worker = await self.worker_for(state, slot)
         if worker is None:
             return state.failure(index)
         fut = None
         try:
-            fut = worker.send(remote.CALL, fn_bytes, (args, kwargs))
+            fut = worker.send(remote.CALL, fn_bytes, body)
             raw, outputs = await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
             await self.replace_worker(state, slot, worker)

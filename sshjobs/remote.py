@@ -29,8 +29,8 @@ HEADER = struct.Struct("!BIQ")
 CONFIG = 1  # JSON: {"cloudpickle": version, "workdir": path, "env": {...}}
 MODULES = 2  # pickled {relative path: source} of cloudpickle
 FUNC = 3  # job id = function id; payload: cloudpickled callable
-CALL = 4  # pickled (fid, args, kwargs): one result
-MAP = 5  # pickled (fid, items): one result per item
+CALL = 4  # FID + pickled (args, kwargs): one result
+MAP = 5  # FID + pickled (items,): one result per item
 SHUTDOWN = 6
 # worker -> controller
 HELLO = 10  # JSON facts about the host and worker
@@ -39,6 +39,8 @@ OUTPUT = 12  # payload: OUTPUT_HEAD (stream 1 stdout / 2 stderr, item) + utf-8 t
 FATAL = 13  # JSON: the worker cannot go on
 
 META_LEN = struct.Struct("!I")
+FID = struct.Struct("!I")  # the function id that starts a CALL or MAP payload (the rest is
+# pickled on its own, so the controller pickles an argument once for every host)
 OUTPUT_HEAD = struct.Struct("!BI")  # stream, index of the item within a MAP job
 STDOUT, STDERR = 1, 2
 OUTPUT_FLUSH = 64 * 1024  # stream job output in frames of about this size
@@ -304,10 +306,14 @@ class Worker:
             self.send_result(job_id, results, flush=jobs.empty())
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
 
+    def unpack_job(self, payload):
+        (fid,) = FID.unpack_from(payload, 0)
+        return (fid,) + tuple(self.loads(memoryview(payload)[FID.size:]))
+
     def call(self, funcs, payload, out, err):
         start = time.perf_counter()
         try:
-            fid, args, kwargs = self.loads(payload)
+            fid, args, kwargs = self.unpack_job(payload)
             fn = funcs[fid]
             value = fn(*args, **kwargs)
             ok = True
@@ -318,7 +324,7 @@ class Worker:
 
     def map(self, funcs, payload, out, err):
         try:
-            fid, items = self.loads(payload)
+            fid, items = self.unpack_job(payload)
             fn = funcs[fid]
         except BaseException as exc:
             return [(False, error_info(exc), "", "", 0.0)]

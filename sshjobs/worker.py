@@ -7,7 +7,7 @@ import json
 import pickle
 import shlex
 import sys
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from pathlib import Path
 
 import asyncssh
@@ -25,6 +25,7 @@ _STUB_WORD = shlex.quote(remote.STUB)
 _FUNC_CACHE = 1024  # functions a worker keeps; older ones are forgotten
 STDERR_TAIL = 64 * 1024
 MAX_OUTPUT = 16 * 1024 * 1024  # characters of a job's stdout (and of its stderr) kept
+_WRITE_PIECE = 256 * 1024  # bytes handed to the channel at a time
 _EARLY_ENV = ("PYTHON", "LD_")  # read when the interpreter starts: must be on the command line
 
 
@@ -98,6 +99,7 @@ class _Session(asyncssh.SSHClientSession):
 
     def resume_writing(self):
         self.worker._writable.set()
+        self.worker._pump_out()
 
     def connection_lost(self, exc):
         self.worker._lost(exc)
@@ -132,6 +134,7 @@ class Worker:
         self._hello: asyncio.Future | None = None
         self._writable = asyncio.Event()
         self._writable.set()
+        self._outq: deque = deque()  # frame pieces not yet handed to the channel
         self._chan = None
         self._release = None
         self._closed = asyncio.Event()
@@ -185,6 +188,7 @@ class Worker:
 
     def close(self) -> None:
         """End of input: the worker exits (and ends its job, if any)."""
+        self._outq.clear()  # what was not sent yet is not wanted any more
         if self._chan is not None and self.alive:
             try:
                 self._chan.write_eof()
@@ -219,29 +223,46 @@ class Worker:
             self._write(remote.FUNC, old, b"")
         return fid
 
-    def send(self, kind: int, fn_bytes: bytes, body: tuple, size: int = 1) -> asyncio.Future:
-        """Send a CALL ((args, kwargs) body) or MAP ((items,) body); a future of raw results."""
+    def send(self, kind: int, fn_bytes: bytes, body: tuple | bytes, size: int = 1) -> asyncio.Future:
+        """Send a CALL ((args, kwargs) body) or MAP ((items,) body); a future of raw results.
+
+        ``body`` may come pickled already (``dumps(body)``): gather pickles its arguments
+        once and every host's frame shares those bytes."""
         fut = asyncio.get_running_loop().create_future()
         if not self.alive:
             fut.set_exception(self._lost_error())
             return fut
+        blob = body if isinstance(body, (bytes, bytearray)) else dumps(body)
         fid = self._ensure_func(fn_bytes)
-        payload = dumps((fid, *body))
         self._next_id = (self._next_id + 1) & 0xFFFFFFFF
         job_id = self._next_id
         self.pending[job_id] = fut
         self.in_flight += size
         fut.size = size  # type: ignore[attr-defined]
-        self._write(kind, job_id, payload)
+        self._write(kind, job_id, remote.FID.pack(fid), blob)
         return fut
 
     async def drain(self) -> None:
         await self._writable.wait()
 
-    def _write(self, kind: int, job_id: int, payload: bytes) -> None:
-        self._chan.write(remote.HEADER.pack(kind, job_id, len(payload)))
-        if payload:
-            self._chan.write(payload)
+    def _write(self, kind: int, job_id: int, *parts: bytes) -> None:
+        """Queue a frame.  Big payloads are fed to the channel piece by piece as it drains
+        (asyncssh copies whatever it is given into its send buffer), so a 200 MB argument
+        sent to ten hosts is held once, not eleven times."""
+        self._outq.append(remote.HEADER.pack(kind, job_id, sum(len(p) for p in parts)))
+        self._outq.extend(memoryview(p) for p in parts if p)
+        self._pump_out()
+
+    def _pump_out(self) -> None:
+        q = self._outq
+        while q and self._writable.is_set() and self._chan is not None and self.alive:
+            head = q[0]
+            if len(head) <= _WRITE_PIECE:
+                q.popleft()
+                self._chan.write(head)
+            else:
+                self._chan.write(head[:_WRITE_PIECE])
+                q[0] = head[_WRITE_PIECE:]
 
     # -- incoming ---------------------------------------------------------------
     def _feed(self, data: bytes) -> None:
@@ -352,6 +373,7 @@ class Worker:
             if not fut.done():
                 fut.set_exception(err)
         self.in_flight = 0
+        self._outq.clear()
         self._writable.set()
         self._closed.set()
 

@@ -306,3 +306,94 @@ def test_worker_dying_under_a_job_fails_that_job_and_the_map_goes_on(inv, faults
         assert results[19].error.type == "WorkerLost" and "signal KILL" in results[19].error.message
         faults.expect(results, {i: i + 1 for i in range(30) if i not in (3, 11, 19)})
         assert len(after) == 3 and after != pids  # new workers took the slots
+
+
+# -- big data and floods of output, memory measured in a process of its own --------------
+PROBE = textwrap.dedent('''
+    import asyncio, hashlib, json, os, sys
+    from sshjobs import Inventory
+
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+
+    def reset_peak():
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS
+
+    def digest(b):
+        import hashlib
+        return len(b), hashlib.sha256(b).hexdigest()
+
+    def make(n, seed):
+        import hashlib
+        block = hashlib.sha256(seed).digest() * 4096  # 128 KiB
+        return block * (n // len(block))
+
+    def flood(mb):
+        import sys
+        line = "y" * 1023 + "\\n"
+        for _ in range(mb * 1024):
+            sys.stdout.write(line)
+        return "flooded"
+
+    inv = Inventory.load(sys.argv[1]).select(sys.argv[2])
+    n = int(sys.argv[3]) * 1024 * 1024
+    out = {}
+
+    async def go():
+        async with inv.connect() as c:
+            await c.gather(len, b"warm up")
+            base = status("VmRSS"); reset_peak()
+            r = (await c.gather(flood, int(sys.argv[4])))[0]
+            out["flood_value"] = r.value
+            out["flood_stdout_len"] = len(r.stdout)
+            out["flood_head"] = r.stdout[:200]
+            out["flood_tail_ok"] = r.stdout.endswith("y" * 1023 + "\\n")
+            out["flood_extra"] = status("VmHWM") - base
+            del r
+            payload = os.urandom(n)
+            want = hashlib.sha256(payload).hexdigest()
+            base = status("VmRSS"); reset_peak()
+            r = (await c.gather(digest, payload))[0]
+            out["arg_ok"] = r.value == (n, want)
+            out["arg_extra"] = status("VmHWM") - base
+            del payload, r
+            base = status("VmRSS"); reset_peak()
+            r = (await c.gather(make, n, b"seed"))[0]
+            out["result_ok"] = r.ok and len(r.value) == n and r.value == make(n, b"seed")
+            out["result_extra"] = status("VmHWM") - base
+            del r
+            out["after"] = [x.value for x in await c.gather(lambda: "intact")]
+
+    asyncio.run(go())
+    print(json.dumps(out))
+''')
+
+
+@pytest.mark.slow
+def test_200mb_argument_and_result_intact_and_100mb_output_bounded(lab, faults):
+    mb, flood_mb = 200, 100
+    proc = subprocess.run([sys.executable, "-c", PROBE, str(lab.inventory_path), "node10", str(mb), str(flood_mb)],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = __import__("json").loads(proc.stdout.strip().splitlines()[-1])
+    payload = mb * 2**20
+    print("controller peak RSS above baseline (MiB):",
+          {k: round(v / 2**20) for k, v in out.items() if k.endswith("_extra")})
+    with faults.inject("200 MB argument"):
+        assert out["arg_ok"]
+        # the payload itself is already counted in the baseline: what sending adds
+        assert out["arg_extra"] < 2 * payload, out["arg_extra"] / 2**20
+    with faults.inject("200 MB result"):
+        assert out["result_ok"]
+        assert out["result_extra"] < 3 * payload, out["result_extra"] / 2**20
+    with faults.inject("100 MB printed by a job"):
+        assert out["flood_value"] == "flooded"
+        assert out["flood_head"].startswith("[sshjobs: ") and "dropped" in out["flood_head"]
+        assert out["flood_tail_ok"]
+        kept = out["flood_stdout_len"]
+        assert 16 * 2**20 <= kept < 16 * 2**20 + 200  # the bounded tail and the notice
+        assert out["flood_extra"] < 100 * 2**20, out["flood_extra"] / 2**20  # less than what was printed
+        assert out["after"] == ["intact"]
