@@ -141,8 +141,14 @@ async def open_connection(host: Host, attempts: int = 4) -> asyncssh.SSHClientCo
         # First contact: take the key the host shows (trust on first use) and record it;
         # from then on the recorded key is checked and a changed key is refused.
         opts["known_hosts"] = None
+    # A dropped connect (sshd's MaxStartups during a burst) is tried again with jittered
+    # exponential backoff until connect_timeout is spent, at least ``attempts`` times.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + host.connect_timeout
     delay = 0.1
-    for attempt in range(1, attempts + 1):
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             conn = await asyncio.wait_for(
                 asyncssh.connect(host.address, **opts), timeout=host.connect_timeout + 1
@@ -155,21 +161,16 @@ async def open_connection(host: Host, attempts: int = 4) -> asyncssh.SSHClientCo
                     raise ConnectError("HostKeyError", f"{host.target}: cannot record the host key in"
                                        f" {known_hosts_path(host)}: {exc.strerror or exc}") from None
             return conn
-        except _RETRYABLE as exc:
-            if attempt == attempts:
+        except (*_RETRYABLE, asyncssh.DisconnectError) as exc:
+            final = isinstance(exc, (asyncssh.PermissionDenied, asyncssh.HostKeyNotVerifiable))
+            pause = min(delay, 1.0) * (0.5 + random.random())
+            if final or (attempt >= attempts and loop.time() + pause > deadline):
                 raise describe_error(host, exc) from None
             log.debug("connect dropped, retrying", host=host.name, attempt=attempt, error=str(exc))
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay *= 2
-        except asyncssh.DisconnectError as exc:
-            # MaxStartups drops can also arrive as a disconnect before auth.
-            if attempt == attempts or isinstance(exc, (asyncssh.PermissionDenied, asyncssh.HostKeyNotVerifiable)):
-                raise describe_error(host, exc) from None
-            await asyncio.sleep(delay * (0.5 + random.random()))
+            await asyncio.sleep(pause)
             delay *= 2
         except (OSError, asyncio.TimeoutError, asyncssh.Error) as exc:
             raise describe_error(host, exc) from None
-    raise AssertionError("unreachable")
 
 
 class HostLink:

@@ -255,6 +255,7 @@ class Worker:
         try:
             os.makedirs(os.path.dirname(lib), mode=0o700, exist_ok=True)
             tmp = "%s.tmp-%d" % (lib, os.getpid())
+            os.mkdir(tmp, 0o700)  # makedirs would give the parents it creates the umask's mode
             for rel, source in sources.items():
                 path = os.path.join(tmp, rel)
                 os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)

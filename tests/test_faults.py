@@ -397,3 +397,55 @@ def test_200mb_argument_and_result_intact_and_100mb_output_bounded(lab, faults):
         assert 16 * 2**20 <= kept < 16 * 2**20 + 200  # the bounded tail and the notice
         assert out["flood_extra"] < 100 * 2**20, out["flood_extra"] / 2**20  # less than what was printed
         assert out["after"] == ["intact"]
+
+
+# -- sshd limits --------------------------------------------------------------------------
+@pytest.fixture
+def throttled_sshd(lab):
+    """node01's sshd once more on 127.0.<subnet>.11, with MaxStartups 2:100:2: every
+    unauthenticated connection beyond two at once is dropped."""
+    hdir = lab.dir / "node01"
+    address = lab.hosts[0].address.rsplit(".", 1)[0] + ".11"
+    cfg = (hdir / "sshd_config").read_text()
+    cfg = cfg.replace(f"{lab.hosts[0].address}:22", f"{address}:22").replace("sshd.pid", "sshd-throttled.pid")
+    cfg = cfg.replace("LogLevel ERROR", "LogLevel INFO") + "MaxStartups 2:100:2\n"
+    path = hdir / "sshd_config_throttled"
+    path.write_text(cfg)
+    log = hdir / "sshd-throttled.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(path)], stdout=f, stderr=f,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while b"Server listening" not in log.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        yield address, log
+    finally:
+        proc.terminate()
+        proc.wait(timeout=5)
+
+
+def test_connect_burst_dropped_by_maxstartups_is_retried(inv, lab, throttled_sshd, tmp_path, faults):
+    from sshjobs.connection import open_connection
+
+    address, log = throttled_sshd
+    known = tmp_path / "known_hosts"
+    key = lab.known_hosts.read_text().splitlines()[0].split(None, 1)[1]
+    known.write_text(f"{address} {key}\n")
+    host = replace(inv.hosts[0], address=address, known_hosts=str(known))
+
+    async def burst(n):
+        conns = await asyncio.gather(*(open_connection(host) for _ in range(n)), return_exceptions=True)
+        ok = []
+        for c in conns:
+            if not isinstance(c, BaseException):
+                ok.append((await c.run("echo up", check=True)).stdout)
+                c.close()
+        return conns, ok
+
+    with faults.inject("connect burst past MaxStartups"):
+        conns, ok = asyncio.run(burst(40))
+        dropped = log.read_text(errors="replace").count("past MaxStartups")
+        assert dropped > 0  # the fault really happened
+        assert [c for c in conns if isinstance(c, BaseException)] == []
+        assert ok == ["up\n"] * 40
