@@ -455,23 +455,27 @@ def _group_members(pgrp):
 
 
 def _die(code=0):
-    """Exit now, taking the job's children along when this worker leads its group."""
+    """Exit now, taking the job's children along when this worker leads its group.
+
+    Called from the reader thread too (end of input while a job runs), so no signal
+    handlers here (main thread only): the others in the group are signalled one by one."""
     try:
         pgrp = os.getpgrp()
         if pgrp == os.getpid():
-            others = _group_members(pgrp)
-            if others is None or others:
-                signal.signal(signal.SIGTERM, signal.SIG_IGN)
-                os.killpg(pgrp, signal.SIGTERM)
-                deadline = time.time() + 0.5
-                while time.time() < deadline and (others is None or _group_members(pgrp)):
+            for sig, grace in ((signal.SIGTERM, 0.5), (signal.SIGKILL, 0.5)):
+                others = _group_members(pgrp)
+                if others is None:  # no /proc: the whole group, this process included
+                    os.killpg(pgrp, signal.SIGKILL)
+                if not others:
+                    break
+                for pid in others:
+                    try:
+                        os.kill(pid, sig)
+                    except OSError:
+                        pass
+                deadline = time.time() + grace
+                while time.time() < deadline and _group_members(pgrp):
                     time.sleep(0.02)
-                if others is None or _group_members(pgrp):
-                    for pid in _group_members(pgrp) or []:
-                        try:
-                            os.kill(pid, signal.SIGKILL)
-                        except OSError:
-                            pass
     finally:
         os._exit(code)
 

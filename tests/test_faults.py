@@ -45,11 +45,14 @@ def sleeper_with_child(marker: str, pidfile: str | None = None):
 
 
 def job_pids(lab, index: int, pidfile: str, timeout=10.0) -> list[int]:
+    """The pids a sleeper_with_child job wrote (read once, then removed)."""
     path = lab.home(index) / pidfile.removeprefix("~/")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if path.exists() and path.read_text().strip():
-            return [int(p) for p in path.read_text().split()]
+        text = path.read_text() if path.exists() else ""
+        if len(text.split()) == 2:
+            path.unlink()
+            return [int(p) for p in text.split()]
         time.sleep(0.05)
     raise AssertionError(f"the job did not start on host {index}")
 
@@ -449,3 +452,59 @@ def test_connect_burst_dropped_by_maxstartups_is_retried(inv, lab, throttled_ssh
         assert dropped > 0  # the fault really happened
         assert [c for c in conns if isinstance(c, BaseException)] == []
         assert ok == ["up\n"] * 40
+
+
+def test_closing_the_cluster_mid_job_leaves_no_process(inv, lab, faults):
+    """No SSH signal here: end of input alone must end the running job and its children."""
+    one = inv.select("node09")
+
+    async def go():
+        async with one.connect() as cluster:
+            cluster.submit(sleeper_with_child, "303.5", "~/close.pid")
+            return await asyncio.to_thread(job_pids, lab, 8, "~/close.pid")
+
+    with faults.inject("controller closes while a job runs"):
+        pids = asyncio.run(go())
+        assert wait_gone(pids, timeout=3) == []
+        assert wait_no_processes([lab.hosts[8].user]) == {}
+
+
+CTRL_C = textwrap.dedent('''
+    import sys
+    from sshjobs import Inventory
+
+    def hang():
+        import subprocess, time
+        subprocess.Popen(["sleep", "304.5"])
+        time.sleep(600)
+
+    inv = Inventory.load(sys.argv[1]).select(sys.argv[2])
+    print("running", flush=True)
+    try:
+        inv.gather(hang)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        sys.exit(130)
+''')
+
+
+def test_ctrl_c_in_a_sync_call_stops_remote_jobs_and_raises_keyboardinterrupt(lab, faults):
+    users = [lab.hosts[i].user for i in (0, 1)]
+    proc = subprocess.Popen([sys.executable, "-c", CTRL_C, str(lab.inventory_path), "node01,node02"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "running"
+        deadline = time.monotonic() + 20
+        while not all(wait_procs([u], "304.5", timeout=0) for u in users):
+            assert time.monotonic() < deadline, "the jobs did not start"
+            time.sleep(0.1)
+        with faults.inject("Ctrl-C (SIGINT) during a sync gather"):
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=15)
+            assert proc.returncode == 130, err[-2000:]
+            assert "interrupted" in out
+            assert wait_procs(users, "304.5", timeout=3) == {}
+            assert wait_no_processes(users) == {}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
