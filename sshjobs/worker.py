@@ -26,7 +26,8 @@ _FUNC_CACHE = 1024  # functions a worker keeps; older ones are forgotten
 STDERR_TAIL = 64 * 1024
 MAX_OUTPUT = 16 * 1024 * 1024  # characters of a job's stdout (and of its stderr) kept
 _WRITE_PIECE = 256 * 1024  # bytes handed to the channel at a time
-_EARLY_ENV = ("PYTHON", "LD_")  # read when the interpreter starts: must be on the command line
+_EARLY_ENV = ("PYTHON", "LD_", "PATH")  # read when the interpreter starts (PATH finds it):
+# these go on the command line, every other variable in the CONFIG frame
 
 
 class OutputTail:
