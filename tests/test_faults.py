@@ -12,6 +12,7 @@ import sys
 import textwrap
 import time
 from dataclasses import replace
+from functools import partial
 
 import pytest
 
@@ -510,3 +511,42 @@ def test_ctrl_c_in_a_sync_call_stops_remote_jobs_and_raises_keyboardinterrupt(la
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_worker_killed_from_outside_mid_map_loses_no_item(inv, lab, faults):
+    """An outside SIGKILL (the OOM killer's way) under a chunk: its items run again one by
+    one on a fresh worker; nothing is lost even without retries."""
+    two = inv.select("node04,node05")
+    mark = lab.home(3) / "outside.mark"
+    mark.unlink(missing_ok=True)
+
+    def slow(x, mark):
+        import os, sys, time
+        time.sleep(0.05)
+        sys.sshjobs_test_n = getattr(sys, "sshjobs_test_n", 0) + 1
+        # the worker flushes results when its queue runs dry: after DEPTH (4) chunks of 4
+        if sys.sshjobs_test_n == 18:
+            open(os.path.expanduser(mark), "w").close()
+        return -x, os.getpid()
+
+    async def go():
+        async with two.connect() as cluster:
+            victim = (await cluster.gather(os.getpid))[0].value
+
+            async def killer():
+                while not mark.exists():
+                    await asyncio.sleep(0.01)
+                os.kill(victim, signal.SIGKILL)
+            k = asyncio.create_task(killer())
+            results = await cluster.map(partial(slow, mark="~/outside.mark"), range(120), chunksize=4)
+            await k
+            return victim, results
+
+    with faults.inject("worker SIGKILLed from outside mid-map"):
+        victim, results = asyncio.run(go())
+        assert not pids_alive([victim])
+        assert all(r.ok for r in results), [r for r in results if not r.ok][:3]
+        faults.expect(results, {i: (-i, results[i].value[1]) for i in range(120)})
+        assert [r.value[0] for r in results] == [-i for i in range(120)]
+        node04 = {r.value[1] for r in results if r.host == "node04"}
+        assert victim in node04 and len(node04) == 2  # it ran items, died, a new worker went on
