@@ -79,24 +79,40 @@ def known_host_entry(host: Host) -> str:
     return host.address if port == 22 else f"[{host.address}]:{port}"
 
 
-def is_known(host: Host) -> bool:
-    """Whether known_hosts holds any key (or CA, or revocation) for this host."""
+class _AcceptNewClient(asyncssh.SSHClient):
+    """accept-new: a key not in known_hosts is accepted only when known_hosts has nothing at
+    all for this host (first contact); a host it knows must show a key it lists."""
+
+    def __init__(self, seen: dict):
+        self.seen = seen
+
+    def validate_host_public_key(self, host, addr, port, key) -> bool:
+        if self.seen["known"]:
+            return False  # a changed key: refused, as with strict checking
+        self.seen["new_key"] = key
+        return True
+
+
+def accept_new_options(host: Host) -> tuple[dict, dict]:
+    """asyncssh options for accept-new, and what the connect saw (``new_key`` to record).
+
+    known_hosts is matched at connect time, against the name and the address really
+    reached, so an entry under either counts as known."""
     path = known_hosts_path(host)
-    if not os.path.exists(path):
-        return False
-    port = host.port if host.port and host.port != 22 else None
-    try:
-        found = asyncssh.match_known_hosts(path, host.address, host.address, port)
-    except (OSError, ValueError, asyncssh.Error):
-        return True  # unreadable or odd: stay strict and let the connect say why
-    return any(found[:3])
+    seen = {"known": False, "new_key": None}
+
+    def match(name, addr, port):
+        if not os.path.exists(path):
+            return [], [], []
+        found = asyncssh.match_known_hosts(path, name, addr, port)
+        seen["known"] = any(found)
+        return found
+
+    return {"known_hosts": match, "client_factory": lambda: _AcceptNewClient(seen)}, seen
 
 
-def record_host_key(host: Host, conn: asyncssh.SSHClientConnection) -> None:
+def record_host_key(host: Host, key: asyncssh.SSHKey) -> None:
     """accept-new: append the key a host showed on first contact to known_hosts."""
-    key = conn.get_server_host_key()
-    if key is None:
-        return
     path = known_hosts_path(host)
     parent = os.path.dirname(path)
     if parent and not os.path.isdir(parent):
@@ -136,11 +152,12 @@ async def open_connection(host: Host, attempts: int = 4) -> asyncssh.SSHClientCo
     opts = connect_options(host)
     if host.host_key_checking is False:
         log.warning("host key checking is off: the host's identity is not verified", host=host.name)
-    accept_new = host.host_key_checking == "accept-new" and not is_known(host)
-    if accept_new:
+    seen = None
+    if host.host_key_checking == "accept-new":
         # First contact: take the key the host shows (trust on first use) and record it;
         # from then on the recorded key is checked and a changed key is refused.
-        opts["known_hosts"] = None
+        extra, seen = accept_new_options(host)
+        opts.update(extra)
     # A dropped connect (sshd's MaxStartups during a burst) is tried again with jittered
     # exponential backoff until connect_timeout is spent, at least ``attempts`` times.
     loop = asyncio.get_running_loop()
@@ -153,9 +170,9 @@ async def open_connection(host: Host, attempts: int = 4) -> asyncssh.SSHClientCo
             conn = await asyncio.wait_for(
                 asyncssh.connect(host.address, **opts), timeout=host.connect_timeout + 1
             )
-            if accept_new:
+            if seen is not None and seen["new_key"] is not None:
                 try:
-                    record_host_key(host, conn)
+                    record_host_key(host, seen["new_key"])
                 except OSError as exc:
                     conn.close()
                     raise ConnectError("HostKeyError", f"{host.target}: cannot record the host key in"
