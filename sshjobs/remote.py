@@ -44,6 +44,7 @@ FID = struct.Struct("!I")  # the function id that starts a CALL or MAP payload (
 OUTPUT_HEAD = struct.Struct("!BI")  # stream, index of the item within a MAP job
 STDOUT, STDERR = 1, 2
 OUTPUT_FLUSH = 64 * 1024  # stream job output in frames of about this size
+FLUSH_AFTER = 0.05  # seconds a finished result may wait in the buffer for company
 
 # The command-line bootstrap: a length line, then that many bytes of this module's source.
 # It reads fd 0 unbuffered so that no byte meant for the worker is read ahead and lost.
@@ -282,6 +283,7 @@ class Worker:
         sys.stdout, sys.stderr = out, err
         funcs = self.funcs
         jobs = self.jobs
+        last_flush = time.monotonic()
         while True:
             frame = jobs.get()
             if frame is None:
@@ -304,7 +306,13 @@ class Worker:
                 results = self.map(funcs, payload, out, err)
             else:
                 continue
-            self.send_result(job_id, results, flush=jobs.empty())
+            # Batch replies while more jobs wait, but never hold a finished result back for
+            # long: a worker that dies later would take it along.
+            now = time.monotonic()
+            flush = jobs.empty() or now - last_flush > FLUSH_AFTER
+            self.send_result(job_id, results, flush=flush)
+            if flush:
+                last_flush = now
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
 
     def unpack_job(self, payload):

@@ -166,8 +166,11 @@ class Worker:
         late = {k: v for k, v in self.env.items() if not k.startswith(_EARLY_ENV)}
         config = {"cloudpickle": cloudpickle.__version__, "workdir": self.host.workdir, "slots": self.slots,
                   "env": late}
-        self._chan.write(b"%d\n" % len(_REMOTE_SOURCE) + _REMOTE_SOURCE
-                         + remote.pack(remote.CONFIG, 0, json.dumps(config).encode()))
+        try:
+            self._chan.write(b"%d\n" % len(_REMOTE_SOURCE) + _REMOTE_SOURCE
+                             + remote.pack(remote.CONFIG, 0, json.dumps(config).encode()))
+        except (BrokenPipeError, asyncssh.Error, OSError):
+            pass  # it ended already (no such python, say): _lost() tells the hello why
         try:
             self.hello = await asyncio.wait_for(asyncio.shield(self._hello), timeout)
         except asyncio.TimeoutError:
@@ -184,7 +187,10 @@ class Worker:
             )
         if self.hello.get("cloudpickle") != cloudpickle.__version__:
             log.debug("shipping cloudpickle", host=self.host.name, have=self.hello.get("cloudpickle"))
-            self._chan.write(remote.pack(remote.MODULES, 0, pickle.dumps(_cloudpickle_sources())))
+            try:
+                self._chan.write(remote.pack(remote.MODULES, 0, pickle.dumps(_cloudpickle_sources())))
+            except (BrokenPipeError, asyncssh.Error, OSError):
+                raise self._lost_error() from None
         return self
 
     def close(self) -> None:
@@ -256,14 +262,17 @@ class Worker:
 
     def _pump_out(self) -> None:
         q = self._outq
-        while q and self._writable.is_set() and self._chan is not None and self.alive:
-            head = q[0]
-            if len(head) <= _WRITE_PIECE:
-                q.popleft()
-                self._chan.write(head)
-            else:
-                self._chan.write(head[:_WRITE_PIECE])
-                q[0] = head[_WRITE_PIECE:]
+        try:
+            while q and self._writable.is_set() and self._chan is not None and self.alive:
+                head = q[0]
+                if len(head) <= _WRITE_PIECE:
+                    q.popleft()
+                    self._chan.write(head)
+                else:
+                    self._chan.write(head[:_WRITE_PIECE])
+                    q[0] = head[_WRITE_PIECE:]
+        except (BrokenPipeError, asyncssh.Error, OSError):
+            q.clear()  # the channel is going away: _lost() fails the pending jobs
 
     # -- incoming ---------------------------------------------------------------
     def _feed(self, data: bytes) -> None:

@@ -32,10 +32,13 @@ def test_bad_hosts_fail_clearly_and_affect_nothing_else(inv, tmp_path):
         Host("nowhere", address="no-such-host.invalid", user="x", connect_timeout=5),
         replace(inv.hosts[2], python="/nonexistent/python3"),          # a host without that python
         inv.hosts[3],
+        replace(inv.hosts[5], user="we ird'\"$(touch /tmp/sshjobs-pwned-user)"),  # a hostile user name
     ]
     results = Inventory(hosts).gather(lambda: "fine")
     assert [r.host for r in results] == [h.name for h in hosts]
     assert results[0].value == "fine" and results[4].value == "fine"
+    assert results[5].error.type == "AuthenticationError"
+    assert not os.path.exists("/tmp/sshjobs-pwned-user")
     auth, name, python = results[1].error, results[2].error, results[3].error
     assert auth.type == "AuthenticationError" and inv.hosts[1].user in auth.message
     assert name.type == "NameError" and "does not resolve" in name.message
