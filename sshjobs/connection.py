@@ -243,6 +243,18 @@ class HostLink:
         await asyncio.gather(*(c.wait_closed() for c, _ in self._conns), return_exceptions=True)
 
 
+# Read when the interpreter starts (PATH finds it): only these go on a remote command line,
+# which any user of the host can read (ps) and asyncssh logs; the others (tokens, proxies)
+# travel inside the protocol and the remote side puts them in its environment.
+EARLY_ENV = ("PYTHON", "LD_", "PATH")
+
+
+def split_env(env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(for the command line, for the protocol)"""
+    early = {k: v for k, v in env.items() if k.startswith(EARLY_ENV)}
+    return early, {k: v for k, v in env.items() if k not in early}
+
+
 def env_prefix(env: dict[str, str]) -> str:
     """`env K=V ...` for a remote command line (sshd drops most client env requests)."""
     if not env:

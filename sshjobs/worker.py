@@ -14,7 +14,7 @@ import asyncssh
 import cloudpickle
 
 from . import remote
-from .connection import HostLink, env_prefix, shell_word
+from .connection import HostLink, env_prefix, shell_word, split_env
 from .log import get_logger
 from .safe import RefusedType
 
@@ -26,8 +26,6 @@ _FUNC_CACHE = 1024  # functions a worker keeps; older ones are forgotten
 STDERR_TAIL = 64 * 1024
 MAX_OUTPUT = 16 * 1024 * 1024  # characters of a job's stdout (and of its stderr) kept
 _WRITE_PIECE = 256 * 1024  # bytes handed to the channel at a time
-_EARLY_ENV = ("PYTHON", "LD_", "PATH")  # read when the interpreter starts (PATH finds it):
-# these go on the command line, every other variable in the CONFIG frame
 
 
 class OutputTail:
@@ -142,10 +140,7 @@ class Worker:
 
     # -- lifecycle -------------------------------------------------------------
     def command(self) -> str:
-        # Only what the interpreter needs at start goes on the command line, which any user
-        # of the host can read (ps) and asyncssh logs; other values (tokens, proxies) travel
-        # in the CONFIG frame and the worker puts them in its environment.
-        early = {k: v for k, v in self.env.items() if k.startswith(_EARLY_ENV)}
+        early, _ = split_env(self.env)  # the rest travels in the CONFIG frame
         return f"exec {env_prefix(early)}{shell_word(self.python)} -c {_STUB_WORD}"
 
     async def start(self, timeout: float = 60.0) -> "Worker":
@@ -163,7 +158,7 @@ class Worker:
             self._release()
             raise WorkerError("HostLost", f"{self.host.target}: connection lost while starting a worker: {exc}") from None
         self.alive = True
-        late = {k: v for k, v in self.env.items() if not k.startswith(_EARLY_ENV)}
+        _, late = split_env(self.env)
         config = {"cloudpickle": cloudpickle.__version__, "workdir": self.host.workdir, "slots": self.slots,
                   "env": late}
         try:
