@@ -34,8 +34,8 @@ HEADER = struct.Struct("!BIQ")
 CONFIG = 1  # JSON: {"cloudpickle": version, "workdir": path, "env": {...}}
 MODULES = 2  # pickled {relative path: source} of cloudpickle
 FUNC = 3  # job id = function id; payload: cloudpickled callable
-CALL = 4  # pickled (fid, args, kwargs): one result
-MAP = 5  # pickled (fid, items): one result per item
+CALL = 4  # FID + pickled (args, kwargs): one result
+MAP = 5  # FID + pickled (items,): one result per item
 SHUTDOWN = 6
 # worker -> controller
 HELLO = 10  # JSON facts about the host and worker
@@ -45,9 +45,12 @@ FATAL = 13  # JSON: the worker cannot go on
 
 META_LEN = struct.Struct("!I")
 ALL_OK = "all-ok"  # RESULT meta (ALL_OK, durations): one pickled list holds every value
+FID = struct.Struct("!I")  # the function id that starts a CALL or MAP payload (the rest is
+# pickled on its own, so the controller pickles an argument once for every host)
 OUTPUT_HEAD = struct.Struct("!BI")  # stream, index of the item within a MAP job
 STDOUT, STDERR = 1, 2
 OUTPUT_FLUSH = 64 * 1024  # stream job output in frames of about this size
+FLUSH_AFTER = 0.05  # seconds a finished result may wait in the buffer for company
 
 # The command-line bootstrap: a length line, then that many bytes of this module's source.
 # It reads fd 0 unbuffered so that no byte meant for the worker is read ahead and lost.
@@ -224,6 +227,7 @@ class Worker:
         for key in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ.setdefault(key, threads)
         workdir = os.path.expanduser(config.get("workdir") or "~/.cache/sshjobs")
+        _private_dir(workdir)
         want = config.get("cloudpickle")
         have = self._find_cloudpickle(workdir, want)
         if str(want).startswith("3."):  # the loaders below are cloudpickle 3's
@@ -278,10 +282,12 @@ class Worker:
         try:
             os.makedirs(os.path.dirname(lib), mode=0o700, exist_ok=True)
             tmp = "%s.tmp-%d" % (lib, os.getpid())
+            os.mkdir(tmp, 0o700)  # makedirs would give the parents it creates the umask's mode
             for rel, source in sources.items():
                 path = os.path.join(tmp, rel)
                 os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-                with open(path, "w", encoding="utf-8") as f:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
                     f.write(source)
             try:
                 os.rename(tmp, lib)
@@ -303,6 +309,7 @@ class Worker:
         sys.stdout, sys.stderr = out, err
         funcs = self.funcs
         jobs = self.jobs
+        last_flush = time.monotonic()
         while True:
             frame = jobs.get()
             if frame is None:
@@ -325,13 +332,23 @@ class Worker:
                 results = self.map(funcs, payload, out, err)
             else:
                 continue
-            self.send_result(job_id, results, flush=jobs.empty())
+            # Batch replies while more jobs wait, but never hold a finished result back for
+            # long: a worker that dies later would take it along.
+            now = time.monotonic()
+            flush = jobs.empty() or now - last_flush > FLUSH_AFTER
+            self.send_result(job_id, results, flush=flush)
+            if flush:
+                last_flush = now
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+
+    def unpack_job(self, payload):
+        (fid,) = FID.unpack_from(payload, 0)
+        return (fid,) + tuple(self.loads(memoryview(payload)[FID.size:]))
 
     def call(self, funcs, payload, out, err):
         start = time.perf_counter()
         try:
-            fid, args, kwargs = self.loads(payload)
+            fid, args, kwargs = self.unpack_job(payload)
             fn = funcs[fid]
             value = fn(*args, **kwargs)
             ok = True
@@ -342,7 +359,7 @@ class Worker:
 
     def map(self, funcs, payload, out, err):
         try:
-            fid, items = self.loads(payload)
+            fid, items = self.unpack_job(payload)
             fn = funcs[fid]
         except BaseException as exc:
             return [(False, error_info(exc), "", "", 0.0)]
@@ -510,8 +527,37 @@ class _Unpickler(pickle.Unpickler):
         return pickle.Unpickler.find_class(self, module, name)
 
 
+class _Reader(object):
+    """A read-only file over a buffer: io.BytesIO would copy a memoryview first."""
+
+    def __init__(self, data):
+        self.view = memoryview(data)
+        self.pos = 0
+
+    def read(self, n=-1):
+        end = len(self.view) if n is None or n < 0 else min(len(self.view), self.pos + n)
+        chunk = self.view[self.pos:end].tobytes()
+        self.pos = end
+        return chunk
+
+    def readinto(self, buf):
+        n = min(len(buf), len(self.view) - self.pos)
+        buf[:n] = self.view[self.pos:self.pos + n]
+        self.pos += n
+        return n
+
+    def readline(self):
+        end = self.pos
+        while end < len(self.view):
+            i = self.view[end:end + 4096].tobytes().find(b"\n")
+            if i >= 0:
+                return self.read(end + i + 1 - self.pos)
+            end += 4096
+        return self.read()
+
+
 def _loads(data):
-    return _Unpickler(io.BytesIO(data)).load()
+    return _Unpickler(_Reader(data)).load()
 
 
 class _Unloadable:
@@ -545,6 +591,17 @@ def _load_from_sources(sources):
     import cloudpickle
 
     return cloudpickle
+
+
+def _private_dir(path):
+    """Create the workdir (parents as needed) and keep it mode 0700: everything sshjobs
+    puts on a host lives below it, out of other users' reach."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        if os.stat(path).st_mode & 0o777 != 0o700:
+            os.chmod(path, 0o700)
+    except OSError:
+        pass  # a read-only home: nothing is written (cloudpickle is loaded from memory)
 
 
 def _rmtree(path):
@@ -613,30 +670,27 @@ def _never_had_children():
 
 
 def _die(code=0):
-    """Exit now, taking the job's children along when this worker leads its group."""
+    """Exit now, taking the job's children along when this worker leads its group.
+
+    Called from the reader thread too (end of input while a job runs), so no signal
+    handlers here (main thread only): the others in the group are signalled one by one."""
     try:
         pgrp = os.getpgrp()
         if pgrp == os.getpid() and not _never_had_children():
-            others = _group_members(pgrp)
-            if others is None or others:
-                if threading.current_thread() is threading.main_thread():
-                    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-                    os.killpg(pgrp, signal.SIGTERM)
-                else:  # signal handlers belong to the main thread: spare ourselves by hand
-                    for pid in others or []:
-                        try:
-                            os.kill(pid, signal.SIGTERM)
-                        except OSError:
-                            pass
-                deadline = time.time() + 0.5
-                while time.time() < deadline and (others is None or _group_members(pgrp)):
+            for sig, grace in ((signal.SIGTERM, 0.5), (signal.SIGKILL, 0.5)):
+                others = _group_members(pgrp)
+                if others is None:  # no /proc: the whole group, this process included
+                    os.killpg(pgrp, signal.SIGKILL)
+                if not others:
+                    break
+                for pid in others:
+                    try:
+                        os.kill(pid, sig)
+                    except OSError:
+                        pass
+                deadline = time.time() + grace
+                while time.time() < deadline and _group_members(pgrp):
                     time.sleep(0.02)
-                if others is None or _group_members(pgrp):
-                    for pid in _group_members(pgrp) or []:
-                        try:
-                            os.kill(pid, signal.SIGKILL)
-                        except OSError:
-                            pass
     finally:
         os._exit(code)
 
@@ -1005,7 +1059,9 @@ def provision():
             break
         chunks.append(chunk)
     try:
-        reply = provision_request(json.loads(b"".join(chunks).decode("utf-8")))
+        request = json.loads(b"".join(chunks).decode("utf-8"))
+        os.environ.update(request.pop("env", None) or {})  # the inventory's env (off the command line)
+        reply = provision_request(request)
     except ProvisionFailure as exc:
         reply = {"ok": False, "kind": exc.kind, "error": exc.message}
     except BaseException as exc:

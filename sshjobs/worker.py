@@ -7,7 +7,7 @@ import json
 import pickle
 import shlex
 import sys
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from itertools import repeat
 from pathlib import Path
@@ -16,8 +16,9 @@ import asyncssh
 import cloudpickle
 
 from . import remote
-from .connection import HostLink, env_prefix, shell_word
+from .connection import HostLink, env_prefix, shell_word, split_env
 from .log import get_logger
+from .safe import RefusedType
 
 log = get_logger("sshjobs.worker")
 
@@ -28,10 +29,10 @@ _FULL_SOURCE = Path(remote.__file__).read_bytes()
 _REMOTE_SOURCE = _FULL_SOURCE[:_FULL_SOURCE.find(WORKER_SOURCE_END)] + b"\n" \
     if WORKER_SOURCE_END in _FULL_SOURCE else _FULL_SOURCE
 _STUB_WORD = shlex.quote(remote.STUB)
-_BIG_WRITE = 1 << 20  # frames this big are written on their own rather than joined
 _FUNC_CACHE = 1024  # functions a worker keeps; older ones are forgotten
 STDERR_TAIL = 64 * 1024
 MAX_OUTPUT = 16 * 1024 * 1024  # characters of a job's stdout (and of its stderr) kept
+_WRITE_PIECE = 256 * 1024  # bytes handed to the channel at a time
 
 
 class OutputTail:
@@ -104,6 +105,7 @@ class _Session(asyncssh.SSHClientSession):
 
     def resume_writing(self):
         self.worker._writable.set()
+        self.worker._pump_out()
 
     def connection_lost(self, exc):
         self.worker._lost(exc)
@@ -138,15 +140,16 @@ class Worker:
         self._hello: asyncio.Future | None = None
         self._writable = asyncio.Event()
         self._writable.set()
+        self._outq: deque = deque()  # frame pieces not yet handed to the channel
         self._chan = None
-        self._out: list[bytes] = []  # frames not yet handed to the channel
         self._flush_soon = False
         self._release = None
         self._closed = asyncio.Event()
 
     # -- lifecycle -------------------------------------------------------------
     def command(self) -> str:
-        return f"exec {env_prefix(self.env)}{shell_word(self.python)} -c {_STUB_WORD}"
+        early, _ = split_env(self.env)  # the rest travels in the CONFIG frame
+        return f"exec {env_prefix(early)}{shell_word(self.python)} -c {_STUB_WORD}"
 
     async def start(self, timeout: float = 60.0) -> "Worker":
         conn, self._release = await self.link.acquire()
@@ -156,14 +159,21 @@ class Worker:
             self._chan, _ = await conn.create_session(lambda: _Session(self), self.command(), encoding=None)
         except asyncssh.ChannelOpenError as exc:
             self._release()
+            if conn.is_closed():
+                raise WorkerError("HostLost", f"{self.host.target}: connection lost: {exc.reason}") from None
             raise WorkerError("WorkerStartError", f"{self.host.target}: cannot open a channel: {exc.reason}") from None
         except (asyncssh.Error, OSError) as exc:
             self._release()
             raise WorkerError("HostLost", f"{self.host.target}: connection lost while starting a worker: {exc}") from None
         self.alive = True
-        config = {"cloudpickle": cloudpickle.__version__, "workdir": self.host.workdir, "slots": self.slots}
-        self._chan.write(b"%d\n" % len(_REMOTE_SOURCE) + _REMOTE_SOURCE
-                         + remote.pack(remote.CONFIG, 0, json.dumps(config).encode()))
+        _, late = split_env(self.env)
+        config = {"cloudpickle": cloudpickle.__version__, "workdir": self.host.workdir, "slots": self.slots,
+                  "env": late}
+        try:
+            self._chan.write(b"%d\n" % len(_REMOTE_SOURCE) + _REMOTE_SOURCE
+                             + remote.pack(remote.CONFIG, 0, json.dumps(config).encode()))
+        except (BrokenPipeError, asyncssh.Error, OSError):
+            pass  # it ended already (no such python, say): _lost() tells the hello why
         try:
             self.hello = await asyncio.wait_for(asyncio.shield(self._hello), timeout)
         except asyncio.TimeoutError:
@@ -180,14 +190,17 @@ class Worker:
             )
         if self.hello.get("cloudpickle") != cloudpickle.__version__:
             log.debug("shipping cloudpickle", host=self.host.name, have=self.hello.get("cloudpickle"))
-            self._chan.write(remote.pack(remote.MODULES, 0, pickle.dumps(_cloudpickle_sources())))
+            try:
+                self._chan.write(remote.pack(remote.MODULES, 0, pickle.dumps(_cloudpickle_sources())))
+            except (BrokenPipeError, asyncssh.Error, OSError):
+                raise self._lost_error() from None
         return self
 
     def close(self) -> None:
         """End of input: the worker exits (and ends its job, if any)."""
+        self._outq.clear()  # what was not sent yet is not wanted any more
         if self._chan is not None and self.alive:
             try:
-                self._flush()
                 self._chan.write_eof()
             except Exception:
                 pass
@@ -220,52 +233,59 @@ class Worker:
             self._write(remote.FUNC, old, b"")
         return fid
 
-    def send(self, kind: int, fn_bytes: bytes, body: tuple, size: int = 1) -> asyncio.Future:
-        """Send a CALL ((args, kwargs) body) or MAP ((items,) body); a future of raw results."""
+    def send(self, kind: int, fn_bytes: bytes, body: tuple | bytes, size: int = 1) -> asyncio.Future:
+        """Send a CALL ((args, kwargs) body) or MAP ((items,) body); a future of raw results.
+
+        ``body`` may come pickled already (``dumps(body)``): gather pickles its arguments
+        once and every host's frame shares those bytes."""
         fut = asyncio.get_running_loop().create_future()
         if not self.alive:
             fut.set_exception(self._lost_error())
             return fut
+        blob = body if isinstance(body, (bytes, bytearray)) else dumps(body)
         fid = self._ensure_func(fn_bytes)
-        payload = dumps((fid, *body))
         self._next_id = (self._next_id + 1) & 0xFFFFFFFF
         job_id = self._next_id
         self.pending[job_id] = fut
         self.in_flight += size
         fut.size = size  # type: ignore[attr-defined]
-        self._write(kind, job_id, payload)
+        self._write(kind, job_id, remote.FID.pack(fid), blob)
         return fut
 
     async def drain(self) -> None:
         await self._writable.wait()
 
-    def _write(self, kind: int, job_id: int, payload: bytes) -> None:
-        # Frames written in one turn of the event loop leave in one channel write: asyncssh
-        # builds and encrypts a packet per write, which bounded many small jobs.
-        out = self._out
-        out.append(remote.HEADER.pack(kind, job_id, len(payload)))
-        if payload:
-            out.append(payload)
+    def _write(self, kind: int, job_id: int, *parts: bytes) -> None:
+        """Queue a frame.  Big payloads are fed to the channel piece by piece as it drains
+        (asyncssh copies whatever it is given into its send buffer), so a 200 MB argument
+        sent to ten hosts is held once, not eleven times.  Frames queued in one turn of the
+        event loop leave together: asyncssh builds and encrypts a packet per write, which
+        bounded many small jobs (2,700 submits/s with a write per frame)."""
+        self._outq.append(remote.HEADER.pack(kind, job_id, sum(len(p) for p in parts)))
+        self._outq.extend(memoryview(p) for p in parts if p)
         if not self._flush_soon:
             self._flush_soon = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            asyncio.get_running_loop().call_soon(self._pump_out)
 
-    def _flush(self) -> None:
+    def _pump_out(self) -> None:
         self._flush_soon = False
-        out, self._out = self._out, []
-        if not out or not self.alive:
-            return
-        small: list = []
-        for part in out:
-            if len(part) >= _BIG_WRITE:  # not copied into a joined buffer
-                if small:
-                    self._chan.write(b"".join(small))
-                    small = []
-                self._chan.write(part)
-            else:
-                small.append(part)
-        if small:
-            self._chan.write(b"".join(small))
+        q = self._outq
+        try:
+            while q and self._writable.is_set() and self._chan is not None and self.alive:
+                head = q[0]
+                if len(head) > _WRITE_PIECE:
+                    self._chan.write(head[:_WRITE_PIECE])
+                    q[0] = head[_WRITE_PIECE:]
+                    continue
+                batch = []  # small pieces, joined into one write of up to _WRITE_PIECE
+                size = 0
+                while q and len(q[0]) <= _WRITE_PIECE - size:
+                    piece = q.popleft()
+                    batch.append(piece)
+                    size += len(piece)
+                self._chan.write(batch[0] if len(batch) == 1 else b"".join(batch))
+        except (BrokenPipeError, asyncssh.Error, OSError):
+            q.clear()  # the channel is going away: _lost() fails the pending jobs
 
     # -- incoming ---------------------------------------------------------------
     def _feed(self, data: bytes) -> None:
@@ -376,6 +396,7 @@ class Worker:
             if not fut.done():
                 fut.set_exception(err)
         self.in_flight = 0
+        self._outq.clear()
         self._writable.set()
         self._closed.set()
 
@@ -427,21 +448,27 @@ class AllOk(Sequence):
 
 
 def decode_results(body, safe_loads=None) -> list[tuple]:
-    """RESULT payload -> [(ok, value or (type, message, traceback), stdout, stderr, duration)]."""
+    """RESULT payload -> [(ok, value or (type, message, traceback), stdout, stderr, duration)].
+
+    With ``safe_loads`` (safe_results) every part the host sent goes through it, the
+    bookkeeping and error tuples included, not only the values."""
     view = memoryview(body)
     (mlen,) = remote.META_LEN.unpack_from(view, 0)
     pos = remote.META_LEN.size
-    meta = pickle.loads(view[pos:pos + mlen])
-    pos += mlen
     loads = safe_loads or pickle.loads
+    meta = loads(view[pos:pos + mlen])
+    pos += mlen
     if type(meta) is tuple and meta[0] == remote.ALL_OK:
         durations = meta[1]
         n = len(durations)
         try:
             values = loads(view[pos:])
         except Exception as exc:  # the chunk's values arrive together, so they fail together
-            err = ("UnpicklableResult",
-                   f"the job's return value could not be unpickled on the controller: {type(exc).__name__}: {exc}", "")
+            if isinstance(exc, RefusedType):
+                err = ("UnsafeResult", str(exc), "")
+            else:
+                err = ("UnpicklableResult", "the job's return value could not be unpickled on the controller: "
+                       f"{type(exc).__name__}: {exc}", "")
             return list(zip(repeat(False, n), repeat(err, n), repeat("", n), repeat("", n), durations))
         return AllOk(values, durations)
     out = []
@@ -451,12 +478,14 @@ def decode_results(body, safe_loads=None) -> list[tuple]:
         if ok:
             try:
                 value = loads(blob)
+            except RefusedType as exc:
+                ok = False
+                value = ("UnsafeResult", str(exc), "")
             except Exception as exc:
                 ok = False
                 value = ("UnpicklableResult",
                          f"the job's return value could not be unpickled on the controller: {type(exc).__name__}: {exc}", "")
         else:
-            value = pickle.loads(blob)
+            value = loads(blob)
         out.append((ok, value, so, se, took))
     return out
-
