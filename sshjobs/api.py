@@ -98,6 +98,7 @@ class Cluster:
         self._started = False
         self._closed = False
         self._slots_task: asyncio.Task | None = None
+        self._start_task: asyncio.Future | None = None
 
     # -- progress events ----------------------------------------------------------
     def _emit_running(self, host: str, first: int, count: int) -> None:
@@ -125,11 +126,14 @@ class Cluster:
 
     async def start(self) -> "Cluster":
         """Connect to every host (bounded concurrency) and start one worker on each."""
-        if self._started:
-            return self
-        self._started = True
-        sem = asyncio.Semaphore(self.connect_concurrency)
-        await asyncio.gather(*(self._open(state, sem) for state in self.states))
+        if self._start_task is None:
+            self._started = True
+            sem = asyncio.Semaphore(self.connect_concurrency)
+            self._start_task = asyncio.ensure_future(
+                asyncio.gather(*(self._open(state, sem) for state in self.states)))
+        # Every caller waits for the same start: one arriving while it runs (a submit
+        # made before the first await) must not see a cluster with no workers yet.
+        await asyncio.shield(self._start_task)
         return self
 
     async def _open(self, state: HostState, sem: asyncio.Semaphore) -> None:
