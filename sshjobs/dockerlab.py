@@ -13,6 +13,7 @@ nothing is trusted on first use) into a known_hosts file and writes an inventory
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import os
 import shutil
 import socket
@@ -165,12 +166,13 @@ class DockerLab:
                 time.sleep(0.1)
 
     def container(self, name: str) -> str:
-        """The container id of service ``name``."""
+        """The container id of service ``name`` (one `docker ps` for all of them)."""
         if name not in self._ids:
-            cid = self.compose("ps", "-q", name).stdout.strip()
-            if not cid:
+            out = _run(["docker", "ps", "-a", "--filter", f"label=com.docker.compose.project={self.project}",
+                        "--format", '{{.Label "com.docker.compose.service"}} {{.ID}}']).stdout
+            self._ids = dict(line.split() for line in out.splitlines() if line.strip())
+            if name not in self._ids:
                 raise DockerLabError(f"no container for {name} in project {self.project}")
-            self._ids[name] = cid
         return self._ids[name]
 
     def host_key(self, name: str) -> str:
@@ -178,7 +180,9 @@ class DockerLab:
         return " ".join(out.split()[:2])
 
     def collect_host_keys(self) -> Path:
-        lines = [f"{h.address} {self.host_key(h.name)}\n" for h in self.hosts]
+        with concurrent.futures.ThreadPoolExecutor(len(self.hosts)) as pool:
+            keys = list(pool.map(self.host_key, [h.name for h in self.hosts]))
+        lines = [f"{h.address} {key}\n" for h, key in zip(self.hosts, keys)]
         self.known_hosts.write_text("".join(lines))
         return self.known_hosts
 
@@ -200,6 +204,17 @@ class DockerLab:
             lines += [f"\n[hosts.{h.name}]\n", f'address = "{h.address}"\n', f'groups = ["docker", "{group}"]\n']
         path.write_text("".join(lines))
         return path
+
+    def index_problem(self, url: str = "https://pypi.org/simple/pip/", timeout: float = 8.0) -> str | None:
+        """None when node01 reaches the package index (TLS verified), else what went wrong."""
+        probe = ("import sys, urllib.request\n"
+                 "try:\n"
+                 f"    urllib.request.urlopen({url!r}, timeout={timeout!r}).read(1)\n"
+                 "except Exception as exc:\n"
+                 "    sys.exit(f'{type(exc).__name__}: {exc}')\n")
+        proc = _run(["docker", "exec", "-u", USER, self.container(self.hosts[0].name), "python3", "-c", probe],
+                    check=False, timeout=timeout + 20)
+        return None if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["failed"])[-1][:300]
 
     # -- faults -----------------------------------------------------------------
     def kill(self, name: str) -> None:
