@@ -7,7 +7,7 @@ import concurrent.futures
 import time
 from typing import Any, Callable, Iterable
 
-from . import remote
+from . import provisioning, remote
 from .connection import ConnectError, HostLink
 from .inventory import Host, Inventory
 from .log import get_logger
@@ -33,7 +33,9 @@ class HostState:
         self.starting: dict[int, asyncio.Task] = {}
         self.start_failures = 0
         self.loads = None  # the results' unpickler; None = pickle.loads
-        self.python = host.python
+        self.python = host.python  # the interpreter workers run: an environment's after an install
+        self.base_python = host.python  # the host's own (python = "match": the one uv found)
+        self.env_python: str | None = None  # set by a successful install
         self.env: dict[str, str] = {}
         self.hello: dict = {}
         self.connect_time: float | None = None
@@ -65,12 +67,15 @@ class Cluster:
     """
 
     def __init__(self, inventory: Inventory, *, connect_concurrency: int = 64,
-                 start_timeout: float = 60.0, on_output: Callable | None = None):
+                 start_timeout: float = 60.0, on_output: Callable | None = None,
+                 on_event: Callable[[str, str, dict], Any] | None = None, offline: bool | None = None):
         self.inventory = inventory
         self.states = [HostState(h, i) for i, h in enumerate(inventory.hosts)]
         self.connect_concurrency = connect_concurrency
         self.start_timeout = start_timeout
         self.on_output = on_output
+        self.on_event = on_event  # callback(host name, event, info): progress for the CLI
+        self.offline = offline  # None: each host's inventory `offline`
         self._started = False
         self._closed = False
         self._slots_task: asyncio.Task | None = None
@@ -101,6 +106,12 @@ class Cluster:
                 state.fail(exc.kind, exc.message)
                 return
         state.connect_time = time.perf_counter() - t0
+        if state.host.python == "match":
+            try:
+                state.python = state.base_python = await provisioning.match_python(state)
+            except provisioning.HostProvisionError as exc:
+                state.fail(exc.kind, exc.message)
+                return
         worker = await self.worker_for(state, 0)
         if worker is not None:
             state.hello = worker.hello
@@ -182,11 +193,70 @@ class Cluster:
     def hosts(self) -> list[HostState]:
         return self.states
 
+    def emit(self, host: str, event: str, info: dict) -> None:
+        """Tell ``on_event`` (if any) about progress; its errors never break a run."""
+        if self.on_event is not None:
+            try:
+                self.on_event(host, event, info)
+            except Exception as exc:
+                log.warning("on_event callback failed", error=f"{type(exc).__name__}: {exc}")
+
+    # -- environments -------------------------------------------------------------
+    async def install(self, requirements, *, offline: bool | None = None, uv: str | None = None) -> list[Result]:
+        """Make ``requirements`` importable on every host: a uv environment under the host's
+        workdir, cached by content; later jobs on that host run in it.  One Result per host
+        (inventory order) whose value is a dict: ``env``, ``python``, ``hash``, ``cached``,
+        ``uv`` (how uv was obtained: path, workdir, uploaded, pip, venv-pip; None if cached).
+
+        ``requirements``: a list of requirement strings or a requirements file's path.
+        ``offline``: ship wheels from the controller (default: the Cluster's, else each
+        host's inventory setting).  ``uv``: force one way of getting uv (see README).
+        """
+        await self.start()
+        results = await provisioning.install(self, requirements, offline=self.offline if offline is None else offline,
+                                             uv=uv)
+        await asyncio.gather(*(self._use_env(s, r.value["python"]) for s, r in zip(self.states, results) if r.ok))
+        return results
+
+    async def _use_env(self, state: HostState, python: str) -> None:
+        """Point the host at an environment's interpreter; workers of the old one are replaced."""
+        state.env_python = python
+        if state.python == python:
+            return
+        state.python = python
+        slots = [i for i, w in enumerate(state.workers) if w is not None]
+        old = [state.workers[i] for i in slots]
+        state.workers = [None] * len(state.workers)
+        for w in old:
+            w.close()
+        if old:
+            await asyncio.wait([asyncio.ensure_future(w.wait_closed()) for w in old], timeout=2)
+        # the same slots again, in the environment (submit() picks among live workers)
+        await asyncio.gather(*(self.worker_for(state, i) for i in slots))
+
+    async def _install_for_jobs(self, requirements) -> dict[int, Result]:
+        """Install before jobs; the failed hosts' install Results by host index."""
+        if requirements is None:
+            return {}
+        results = await self.install(requirements)
+        return {s.index: r for s, r in zip(self.states, results) if not r.ok}
+
+    async def list_envs(self) -> list[Result]:
+        """Environments on every host (see ``provisioning.list_envs``)."""
+        return await provisioning.list_envs(self)
+
+    async def prune_envs(self, older_than: str | float = "7d") -> list[Result]:
+        """Remove environments unused for ``older_than`` on every host (see ``provisioning.prune_envs``)."""
+        return await provisioning.prune_envs(self, older_than)
+
     # -- jobs ---------------------------------------------------------------------
-    async def gather(self, fn: Callable, /, *args: Any, timeout: float | None = None, **kwargs: Any) -> list[Result]:
+    async def gather(self, fn: Callable, /, *args: Any, timeout: float | None = None,
+                     requirements=None, **kwargs: Any) -> list[Result]:
         """``fn(*args, **kwargs)`` once on every host; Results in inventory order.
 
-        ``timeout`` is sshjobs' own (seconds per job); every other keyword goes to ``fn``.
+        ``timeout`` (seconds per job) and ``requirements`` (installed first, see ``install``;
+        a host whose install failed gets that failure instead of running ``fn``) are
+        sshjobs' own; every other keyword goes to ``fn``.
         """
         await self.start()
         try:
@@ -197,8 +267,10 @@ class Cluster:
         except Exception as exc:
             msg = f"cannot pickle the arguments: {type(exc).__name__}: {exc}"
             return [failure(s.name, "PicklingError", msg, job=s.index) for s in self.states]
+        failed = await self._install_for_jobs(requirements)
         return list(await asyncio.gather(
-            *(self._call(s, 0, fn, fn_bytes, args, kwargs, s.index, timeout) for s in self.states)))
+            *(self._call(s, 0, fn, fn_bytes, args, kwargs, s.index, timeout) if s.index not in failed
+              else _as_job(failed[s.index], s.index) for s in self.states)))
 
     async def _call(self, state: HostState, slot: int, fn: Callable, fn_bytes: bytes, args: tuple,
                     kwargs: dict, index: int, timeout: float | None) -> Result:
@@ -216,21 +288,27 @@ class Cluster:
         return make_results(worker, raw, outputs, [index], 1, state.loads, fn)[0]
 
     async def map(self, fn: Callable, iterable: Iterable, /, *, chunksize: int | None = None,
-                  timeout: float | None = None, retries: int = 0) -> list[Result]:
+                  timeout: float | None = None, retries: int = 0, requirements=None) -> list[Result]:
         """``fn(item)`` for each item, spread over every slot of every host; Results in input order.
 
         ``retries``: how many more times a job whose worker or host was lost is tried (on any host).
+        ``requirements``: installed first (see ``install``); hosts whose install failed take no items.
         """
         items = list(iterable)
-        await self.ensure_slots()
         try:
             fn_bytes = pickle_function(fn)
         except PickleFailure as exc:
             return [failure("-", "PicklingError", exc.message, job=i) for i in range(len(items))]
-        run = MapRun(self, fn, fn_bytes, items, chunksize=chunksize, timeout=timeout, retries=retries)
+        await self.start()
+        failed = await self._install_for_jobs(requirements)
+        await self.ensure_slots()
+        run = MapRun(self, fn, fn_bytes, items, chunksize=chunksize, timeout=timeout, retries=retries,
+                     exclude=set(failed))
         dead = next((s for s in self.states if s.error), None)
         if dead is not None:
             run.last_error = dead.failure()
+        if failed:
+            run.last_error = next(iter(failed.values()))
         return await run.run()
 
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> "asyncio.Future[Result]":
@@ -283,11 +361,16 @@ class Cluster:
         raw.add_done_callback(done)
 
 
-def run_sync(inventory: Inventory, method: str, *args: Any, **kwargs: Any) -> Any:
+async def _as_job(result: Result, index: int) -> Result:
+    return failure(result.host, result.error.type, result.error.message, job=index)
+
+
+def run_sync(inventory: Inventory, method: str, *args: Any, cluster_options: dict | None = None,
+             **kwargs: Any) -> Any:
     """Run one Cluster call from synchronous code (also inside a running event loop)."""
 
     async def go():
-        async with Cluster(inventory) as cluster:
+        async with Cluster(inventory, **(cluster_options or {})) as cluster:
             return await getattr(cluster, method)(*args, **kwargs)
 
     try:

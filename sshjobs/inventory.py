@@ -54,7 +54,7 @@ _KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "identity": ((str,), "a path to a private key"),
     "known_hosts": ((str,), "a path to a known_hosts file"),
     "host_key_checking": ((bool, str), 'true, false or "accept-new"'),
-    "python": ((str,), "an interpreter name or path"),
+    "python": ((str,), 'an interpreter name or path, or "match"'),
     "slots": ((int, str), 'a whole number >= 1 or "auto"'),
     "connect_timeout": ((int, float), "seconds"),
     "keepalive_interval": ((int, float), "seconds"),
@@ -217,6 +217,25 @@ class Inventory:
         from .api import run_sync
 
         return run_sync(self, "map", fn, iterable, **options)
+
+    def install(self, requirements, /, **options):
+        """Install requirements in a cached uv environment on every host (see ``Cluster.install``);
+        a list of Result in inventory order."""
+        from .api import run_sync
+
+        return run_sync(self, "install", requirements, **options)
+
+    def list_envs(self):
+        """The sshjobs environments on every host; a list of Result in inventory order."""
+        from .api import run_sync
+
+        return run_sync(self, "list_envs")
+
+    def prune_envs(self, older_than="7d"):
+        """Remove environments unused for ``older_than`` (e.g. "7d") on every host."""
+        from .api import run_sync
+
+        return run_sync(self, "prune_envs", older_than)
 
 
 def _did_you_mean(word: str, choices: Iterable[str]) -> str:

@@ -168,8 +168,9 @@ class MapRun:
     """One ``map``: a queue of index ranges, one pump per worker, results by index."""
 
     def __init__(self, cluster, fn: Callable, fn_bytes: bytes, items: list, *, chunksize: int | None,
-                 timeout: float | None, retries: int):
+                 timeout: float | None, retries: int, exclude: set | None = None):
         self.cluster = cluster
+        self.exclude = exclude or set()  # host indices that take no items (their install failed)
         self.fn = fn
         self.fn_bytes = fn_bytes
         self.items = items
@@ -189,12 +190,13 @@ class MapRun:
         n = len(self.items)
         if n == 0:
             return []
-        workers = self.cluster.live_workers()
+        workers = [w for w in self.cluster.live_workers() if w.state is None or w.state.index not in self.exclude]
         size = self.chunksize or (1 if self.timeout else chunk_size(n, max(1, len(workers))))
         for start in range(0, n, size):
             self.queue.append((start, min(n, start + size), 1))
         # Pumps for every slot of every usable host; a pump whose worker dies replaces it.
-        pumps = [asyncio.create_task(self.pump(state, slot)) for state, slot in self.cluster.slots()]
+        pumps = [asyncio.create_task(self.pump(state, slot)) for state, slot in self.cluster.slots()
+                 if state.index not in self.exclude]
         try:
             await asyncio.gather(*pumps)
         finally:

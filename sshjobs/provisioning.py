@@ -1,0 +1,431 @@
+"""Runtime dependencies on the hosts: uv environments, cached by content, online and offline.
+
+An environment is identified by a hash of (the host interpreter's version and path, the
+sorted requirement set, the index options) and lives in ``<workdir>/envs/<hash>``.  The
+host-side half is ``sshjobs.remote.provision_request``, run through ``python3 -c
+PROVISION_STUB``: one command per step, JSON in and out.
+
+Installing a set that is already there costs one round trip per host (``check``).
+Otherwise the controller gets uv onto the host if it has none (uploads its own binary
+when OS and architecture match), ships wheels for offline hosts, and asks the host to
+``build``: under a file lock, in a temporary folder renamed into place on success.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import platform
+import re
+import secrets
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+import asyncssh
+
+from . import remote
+from .connection import env_prefix, shell_word
+from .log import get_logger
+from .result import Result, failure
+
+if TYPE_CHECKING:
+    from .api import Cluster, HostState
+
+log = get_logger("sshjobs.provisioning")
+
+_SOURCE = Path(remote.__file__).read_bytes()
+_STUB_WORD = shlex.quote(remote.PROVISION_STUB)
+UV_METHODS = ("path", "workdir", "upload", "pip", "venv-pip")
+
+
+class ProvisionError(ValueError):
+    """The requirements cannot be used (a missing file, an unsupported line)."""
+
+
+class HostProvisionError(Exception):
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+# -- requirements ------------------------------------------------------------------------
+_UNSUPPORTED = ("-r", "--requirement", "-c", "--constraint", "-e", "--editable")
+
+
+def parse_requirements(requirements: str | os.PathLike | Iterable[str]) -> tuple[list[str], list[str]]:
+    """(sorted requirement set, option lines such as ``--index-url URL``).
+
+    ``requirements`` is a list of requirement strings, or a path to a requirements file
+    (a Path, a string ending in .txt, or an existing file).
+    """
+    if isinstance(requirements, (str, os.PathLike)):
+        path = Path(requirements)
+        if isinstance(requirements, os.PathLike) or str(requirements).endswith(".txt") or path.is_file():
+            try:
+                lines = path.read_text("utf-8").splitlines()
+            except OSError as exc:
+                raise ProvisionError(f"cannot read the requirements file {path}: {exc.strerror or exc}") from None
+        else:
+            lines = [str(requirements)]
+    else:
+        lines = list(requirements)
+    reqs: list[str] = []
+    opts: list[str] = []
+    for raw in lines:
+        if not isinstance(raw, str):
+            raise ProvisionError(f"a requirement must be a string, not {type(raw).__name__}: {raw!r}")
+        line = re.sub(r"(^|\s)#.*$", "", raw).strip()
+        if not line:
+            continue
+        if line.startswith("-"):
+            if line.split()[0].split("=")[0] in _UNSUPPORTED:
+                raise ProvisionError(f"unsupported requirements line (list the requirements instead): {line}")
+            opts.append(line)
+        else:
+            reqs.append(line)
+    if not reqs:
+        raise ProvisionError("no requirements given")
+    return sorted(set(reqs)), opts
+
+
+# -- one step on one host ------------------------------------------------------------------
+async def remote_call(state: "HostState", request: dict, python: str | None = None) -> dict:
+    """Run one provisioning request on a host with its ``env``; the reply, or HostProvisionError."""
+    python = python or state.base_python
+    env = dict(state.host.env) | dict(state.env)  # what the workers get too
+    cmd = f"exec {env_prefix(env)}{shell_word(python)} -c {_STUB_WORD}"
+    data = b"%d\n" % len(_SOURCE) + _SOURCE + json.dumps(request).encode()
+    try:
+        proc = await state.link.run(cmd, input=data)
+    except (asyncssh.Error, OSError) as exc:
+        raise HostProvisionError("HostLost", f"{state.host.target}: connection lost: {exc}") from None
+    out = proc.stdout.decode("utf-8", "replace").strip()
+    try:
+        reply = json.loads(out.splitlines()[-1])
+    except (ValueError, IndexError):
+        err = (proc.stderr or b"").decode("utf-8", "replace").strip()
+        if proc.exit_status == 127 or "not found" in err[-300:]:
+            raise HostProvisionError("WorkerStartError", f"{state.host.target}: cannot run {python}: {err[-300:]}") from None
+        raise HostProvisionError("InstallError", f"{state.host.target}: {python} exited with status"
+                                 f" {proc.exit_status}: {(err or out)[-1000:]}") from None
+    if not reply.get("ok"):
+        raise HostProvisionError(reply.get("kind", "InstallError"), f"{state.host.target}: {reply.get('error')}")
+    return reply
+
+
+def expected_hash(state: "HostState", reqs: list[str], opts: list[str]) -> str | None:
+    """The environment's id as the host will compute it, from the base worker's hello."""
+    hello = state.hello
+    if not all(k in hello for k in ("implementation", "realpath", "python", "index_env")):
+        return None
+    version = ".".join(map(str, hello["python"][:3]))
+    pid = remote.python_id(hello["implementation"], version, hello["realpath"])
+    return remote.env_hash(pid, reqs, list(opts) + list(hello["index_env"]))
+
+
+async def quick_check(state: "HostState", reqs: list[str], opts: list[str]) -> dict | None:
+    """The no-op path: is the environment there?  One shell command, no Python start."""
+    h = expected_hash(state, reqs, opts)
+    if h is None:
+        return None
+    env = f"{state.host.workdir.rstrip('/')}/envs/{h}"
+    marker = shlex.quote(remote.ENV_MARKER)
+    cmd = f"cd {shell_word(env)} 2>/dev/null && test -f {marker} && touch {marker} && pwd"
+    try:
+        proc = await state.link.run(cmd)
+    except (asyncssh.Error, OSError) as exc:
+        raise HostProvisionError("HostLost", f"{state.host.target}: connection lost: {exc}") from None
+    path = proc.stdout.decode("utf-8", "replace").strip()
+    if proc.exit_status != 0 or not path.startswith("/"):
+        return None
+    version = ".".join(map(str, state.hello["python"][:3]))
+    return {"ok": True, "hash": h, "env": path, "python": f"{path}/bin/python", "version": version, "cached": True}
+
+
+# -- uv ------------------------------------------------------------------------------------
+def local_uv() -> str | None:
+    """The controller's own uv binary (the `uv` package ships it), or None."""
+    try:
+        import uv
+
+        return uv.find_uv_bin()
+    except Exception:
+        import shutil
+
+        return shutil.which("uv")
+
+
+def _local_libc() -> str:
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (ValueError, OSError, AttributeError):
+        return ""
+
+
+def can_upload_uv(facts: dict) -> bool:
+    """The controller's uv binary runs on a host of the same OS, architecture and libc family."""
+    if not facts or facts.get("platform") != sys.platform or facts.get("machine") != platform.machine():
+        return False
+    mine = _local_libc().split(" ")[0]
+    return mine == facts.get("libc", "").split(" ")[0] and local_uv() is not None
+
+
+async def sftp_upload(state: "HostState", files: Sequence[tuple[Path, str]], mode: int = 0o600) -> int:
+    """Upload (local path, remote path) pairs: each to a temporary name, then renamed, so a
+    reader (or another controller) never sees half a file.  Returns the bytes sent."""
+    if not files:
+        return 0
+    conn, release = await state.link.acquire()  # an SFTP session counts against MaxSessions
+    sent = 0
+    try:
+        async with conn.start_sftp_client() as sftp:
+            for local, dest in files:
+                tmp = f"{dest}.part-{secrets.token_hex(4)}"
+                # put() keeps several writes in flight (2x a single write here); the
+                # folder is already 0700, and the file gets its own mode before the rename
+                await sftp.put(str(local), tmp)
+                await sftp.chmod(tmp, mode)
+                try:
+                    await sftp.posix_rename(tmp, dest)
+                except asyncssh.SFTPOpUnsupported:  # not OpenSSH: a plain rename fails on an existing file
+                    if await sftp.exists(dest):
+                        await sftp.remove(dest)
+                    await sftp.rename(tmp, dest)
+                sent += local.stat().st_size
+    except (asyncssh.Error, OSError) as exc:
+        raise HostProvisionError("UploadError", f"{state.host.target}: upload failed: {exc}") from None
+    finally:
+        release()
+    return sent
+
+
+async def upload_uv(state: "HostState", workdir: str) -> None:
+    path = Path(local_uv())
+    await sftp_upload(state, [(path, f"{workdir}/bin/uv")], mode=0o700)
+
+
+# -- offline: wheels for the host's platform -----------------------------------------------
+def platform_args(facts: dict) -> list[str]:
+    """pip download options selecting wheels for a host (its Python, ABI, OS, arch, glibc)."""
+    major, minor = facts["version"].split(".")[:2]
+    impl = "cp" if facts.get("implementation", "cpython") == "cpython" else "pp"
+    args = ["--python-version", f"{major}.{minor}", "--implementation", impl,
+            "--abi", f"{impl}{major}{minor}", "--abi", "abi3", "--abi", "none"]
+    machine = facts["machine"]
+    libc = facts.get("libc", "")
+    plats: list[str] = []
+    if facts.get("platform") == "linux":
+        m = re.match(r"glibc (\d+)\.(\d+)", libc)
+        if m:
+            top = int(m.group(2))
+            plats += [f"manylinux_{m.group(1)}_{v}_{machine}" for v in range(top, 4, -1)]
+            plats += [f"manylinux2014_{machine}", f"manylinux2010_{machine}", f"manylinux1_{machine}"]
+        else:  # musl or unknown: musllinux tags
+            plats += [f"musllinux_1_{v}_{machine}" for v in range(2, -1, -1)]
+        plats.append(f"linux_{machine}")
+    elif facts.get("platform") == "darwin":
+        plats += [f"macosx_{v}_0_{machine}" for v in range(15, 10, -1)]
+    for p in plats:
+        args += ["--platform", p]
+    return args
+
+
+def _pip_command() -> list[str]:
+    if importlib.util.find_spec("pip") is not None:
+        return [sys.executable, "-m", "pip"]
+    uv = local_uv()
+    if uv is None:
+        raise HostProvisionError("OfflineError", "neither pip nor uv on the controller to download wheels")
+    return [uv, "tool", "run", "pip"]
+
+
+class WheelDownloads:
+    """Wheels downloaded on the controller, once per (platform, requirements) per install call."""
+
+    def __init__(self, reqs: list[str], opts: list[str]):
+        self.text = "".join(f"{line}\n" for line in opts + reqs)
+        self.tasks: dict[tuple, asyncio.Task] = {}
+        self.dirs: list[tempfile.TemporaryDirectory] = []
+
+    def get(self, facts: dict) -> "asyncio.Task[list[Path]]":
+        args = platform_args(facts)
+        key = tuple(args)
+        if key not in self.tasks:
+            self.tasks[key] = asyncio.ensure_future(self._download(args))
+        return self.tasks[key]
+
+    async def _download(self, args: list[str]) -> list[Path]:
+        tmp = tempfile.TemporaryDirectory(prefix="sshjobs-wheels-")
+        self.dirs.append(tmp)
+        dest = Path(tmp.name) / "wheels"
+        reqfile = Path(tmp.name) / "requirements.txt"
+        reqfile.write_text(self.text)
+        cmd = [*_pip_command(), "download", "--disable-pip-version-check", "--quiet", "--only-binary=:all:",
+               "--dest", str(dest), *args, "-r", str(reqfile)]
+        log.info("downloading wheels for offline hosts", command=" ".join(map(shlex.quote, cmd)))
+        proc = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL,
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        out, _ = await proc.communicate()
+        if proc.returncode != 0:
+            text = out.decode("utf-8", "replace").strip()
+            raise HostProvisionError("OfflineError", "downloading wheels on the controller failed:\n"
+                                     + remote._trim(text))
+        return sorted(dest.glob("*.whl"))
+
+    def cleanup(self) -> None:
+        for d in self.dirs:
+            d.cleanup()
+
+
+# -- install on one host ---------------------------------------------------------------------
+async def install_host(cluster: "Cluster", state: "HostState", reqs: list[str], opts: list[str], *,
+                       offline: bool, uv: str | None, downloads: WheelDownloads) -> Result:
+    """Make the environment exist on one host; a Result whose value describes it."""
+    t0 = time.perf_counter()
+    name = state.name
+    if not state.usable:
+        return state.failure(state.index)
+    cluster.emit(name, "installing", {"requirements": reqs, "offline": offline})
+    request = {"op": "check", "workdir": state.host.workdir, "requirements": reqs, "options": opts,
+               "offline": offline}
+    try:
+        reply = await quick_check(state, reqs, opts) or await remote_call(state, request)
+        how = "cached"
+        if not reply["cached"]:
+            how, reply = await _build(cluster, state, request, reply, offline, uv, downloads)
+    except HostProvisionError as exc:
+        log.warning("install failed", host=name, error=exc.kind, detail=exc.message[-500:])
+        cluster.emit(name, "install-failed", {"error": exc.message, "type": exc.kind})
+        return failure(name, exc.kind, exc.message, job=state.index, duration=time.perf_counter() - t0)
+    value = {"env": reply["env"], "python": reply["python"], "hash": reply["hash"], "cached": reply["cached"],
+             "uv": None if reply["cached"] else how, "version": reply["version"], "requirements": reqs}
+    log.info("environment ready", host=name, hash=value["hash"], cached=value["cached"], uv=value["uv"])
+    cluster.emit(name, "installed", dict(value))
+    return Result(name, True, value, duration=time.perf_counter() - t0, job=state.index)
+
+
+async def _build(cluster, state, request, reply, offline, uv, downloads) -> tuple[str, dict]:
+    facts, workdir = reply["facts"], reply["workdir"]
+    methods = list(UV_METHODS) if uv in (None, "auto") else [uv]
+    for m in methods:
+        if m not in UV_METHODS:
+            raise HostProvisionError("InstallError", f"unknown uv method {m!r}: use one of {', '.join(UV_METHODS)}")
+    uploaded = False
+    host_uv = reply.get("uv")  # "path" or "workdir" if the host has one
+    if not (host_uv and host_uv in methods) and "upload" in methods:
+        if can_upload_uv(facts):
+            cluster.emit(state.name, "uploading-uv", {"path": local_uv()})
+            await upload_uv(state, workdir)
+            uploaded = True
+            log.info("uploaded uv to the host", host=state.name)
+        else:
+            log.info("cannot upload uv: another OS, architecture or libc", host=state.name,
+                     host_platform=f"{facts.get('platform')} {facts.get('machine')} {facts.get('libc')}")
+    if offline:
+        wheels = await downloads.get(facts)
+        have = reply.get("wheels", {})
+        todo = [(p, f"{workdir}/wheels/{p.name}") for p in wheels if have.get(p.name) != p.stat().st_size]
+        cluster.emit(state.name, "uploading-wheels", {"count": len(todo), "skipped": len(wheels) - len(todo)})
+        sent = await sftp_upload(state, todo)
+        log.info("shipped wheels", host=state.name, uploaded=len(todo), skipped=len(wheels) - len(todo), bytes=sent)
+    host_methods = [m for m in methods if m != "upload"]
+    if uploaded:  # use it; should it not run there after all, pip is next
+        host_methods = ["workdir"] + [m for m in methods if m in ("pip", "venv-pip")]
+    built = await remote_call(state, dict(request, op="build", uv_methods=host_methods))
+    if built.get("uv") == "venv-pip":
+        log.warning("no uv on the host: built the environment with python -m venv and pip (slower)",
+                    host=state.name)
+    elif built.get("uv"):
+        log.info("built the environment", host=state.name, uv="uploaded" if uploaded else built["uv"])
+    how = built.get("uv")
+    return ("uploaded" if uploaded and how == "workdir" else how), built
+
+
+async def install(cluster: "Cluster", requirements, *, offline: bool | None = None,
+                  uv: str | None = None) -> list[Result]:
+    """Install ``requirements`` on every host of a started cluster; one Result per host."""
+    reqs, opts = parse_requirements(requirements)
+    downloads = WheelDownloads(reqs, opts)
+    try:
+        results = await asyncio.gather(*(
+            install_host(cluster, s, reqs, opts, offline=s.host.offline if offline is None else offline,
+                         uv=uv, downloads=downloads)
+            for s in cluster.states))
+    finally:
+        downloads.cleanup()
+    return list(results)
+
+
+# -- python = "match" --------------------------------------------------------------------------
+async def match_python(state: "HostState") -> str:
+    """A host interpreter of the controller's Python minor version, found by uv on the host."""
+    version = "%d.%d" % sys.version_info[:2]
+    request = {"op": "find-python", "workdir": state.host.workdir, "version": version,
+               "uv_methods": ["path", "workdir"]}
+    try:
+        reply = await remote_call(state, request, python="python3")
+        if reply.get("uv") is None:
+            if can_upload_uv(reply["facts"]):
+                await upload_uv(state, reply["workdir"])
+            elif not state.host.offline:
+                request["uv_methods"] = ["pip"]
+            reply = await remote_call(state, request, python="python3")
+    except HostProvisionError as exc:
+        raise HostProvisionError(
+            "PythonMismatch",
+            f"{exc.message}\n{state.host.target}: python = \"match\" found no Python {version} on the host;"
+            f" install one (uv python install {version}) or set python = \"python{version}\" for this host.",
+        ) from None
+    if not reply.get("python"):
+        raise HostProvisionError("PythonMismatch", f"{state.host.target}: python = \"match\" needs uv on the host,"
+                                 " and none could be found, uploaded or installed with pip")
+    log.info("matched the controller's Python", host=state.name, python=reply["python"], uv=reply.get("uv"))
+    return reply["python"]
+
+
+# -- housekeeping ------------------------------------------------------------------------------
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_age(value: str | float | int) -> float:
+    """Seconds from ``7d``, ``12h``, ``30m``, ``90s``, ``2w`` or a number of seconds."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", value)
+    if not m:
+        raise ValueError(f"not an age: {value!r} (use e.g. 7d, 12h, 30m)")
+    return float(m.group(1)) * _UNITS[m.group(2) or "s"]
+
+
+async def _each(cluster: "Cluster", request: dict, key: str) -> list[Result]:
+    async def one(state):
+        if not state.usable:
+            return state.failure(state.index)
+        try:
+            reply = await remote_call(state, dict(request, workdir=state.host.workdir))
+        except HostProvisionError as exc:
+            return failure(state.name, exc.kind, exc.message, job=state.index)
+        return Result(state.name, True, reply[key] if key else reply, job=state.index)
+
+    await cluster.start()
+    return list(await asyncio.gather(*(one(s) for s in cluster.states)))
+
+
+async def list_envs(cluster: "Cluster") -> list[Result]:
+    """The environments on every host: each Result's value is a list of dicts (hash, env,
+    requirements, python, created, last_used, complete)."""
+    return await _each(cluster, {"op": "list"}, "envs")
+
+
+async def prune_envs(cluster: "Cluster", older_than: str | float = "7d") -> list[Result]:
+    """Remove environments not used for ``older_than`` (e.g. "7d"), and interrupted builds;
+    an environment being built or checked at that moment is kept.  Each Result's value is
+    ``{"removed": [...], "kept": [...]}``."""
+    return await _each(cluster, {"op": "prune", "older_than": parse_age(older_than)}, "")
