@@ -97,6 +97,7 @@ class DockerLab:
         self.inventory_path = Path(inventory_path or self.dir / "hosts.toml").resolve()
         self.hosts = [DockerHost(f"node{i:02d}", f"{net}.{10 + i}") for i in range(1, hosts + 1)]
         self._ids: dict[str, str] = {}
+        self.offline_reason: str | None = None  # why the nodes cannot use the package index
 
     @property
     def identity(self) -> Path:
@@ -146,10 +147,12 @@ class DockerLab:
         return self
 
     def ready(self, timeout: float = 60.0) -> "DockerLab":
-        """Wait for every node's SSH banner, then collect host keys and write the inventory."""
+        """Wait for every node's SSH banner, collect host keys, probe the package index, write
+        the inventory (``offline = true`` when the nodes cannot use the index)."""
         self._ids = {}
         self.wait_banner(timeout=timeout)
         self.collect_host_keys()
+        self.offline_reason = self.index_problem()
         self.write_inventory()
         return self
 
@@ -199,6 +202,9 @@ class DockerLab:
             "slots = 1\n",
             "connect_timeout = 10\n",
         ]
+        if self.offline_reason:
+            lines += [f"# The nodes cannot use the package index ({self.offline_reason}):\n",
+                      "# sshjobs ships wheels from the controller instead.\n", "offline = true\n"]
         for i, h in enumerate(self.hosts):
             group = "even" if (i + 1) % 2 == 0 else "odd"
             lines += [f"\n[hosts.{h.name}]\n", f'address = "{h.address}"\n', f'groups = ["docker", "{group}"]\n']
@@ -280,6 +286,11 @@ def main(argv: list[str] | None = None) -> int:
             lab.up()
             print(f"{len(lab.hosts)} nodes up in {time.monotonic() - t0:.1f}s "
                   f"({lab.hosts[0].address}..{lab.hosts[-1].address}); inventory: {args.out}")
+            if lab.offline_reason:
+                print(f"the nodes cannot use the package index ({lab.offline_reason}): "
+                      "the inventory sets offline = true (wheels shipped from here)")
+            else:
+                print("the nodes reach the package index: packages install online")
         elif args.command == "down":
             lab.down(images=args.images)
             print(f"removed project {args.project}'s containers and network" + (" and images" if args.images else ""))

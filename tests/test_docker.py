@@ -6,6 +6,7 @@ Docker tests are skipped, with the reason, when no Docker engine answers (see co
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 
@@ -126,6 +127,40 @@ def test_workers_and_their_children_end_with_the_session(binv, backend):
 
     assert len(asyncio.run(go())) == 10
     assert leftovers(backend) == {}
+
+
+def top_eigenvalues(seed):
+    import numpy as np
+
+    m = np.random.default_rng(seed).standard_normal((200, 200))
+    return sorted(round(float(v), 2) for v in np.abs(np.linalg.eigvals(m)))[-3:]
+
+
+def test_numpy_installed_at_run_time_gives_the_in_process_values(binv, backend):
+    """Online on the lab; on containers that cannot reach the index, wheels shipped from here."""
+    inv = binv
+    if not isinstance(backend, DockerLab):
+        # lab hosts share this machine's TLS-inspecting proxy: give their uv its CA bundle
+        cert = {k: os.environ[k] for k in ("SSL_CERT_FILE",) if os.environ.get(k)}
+        inv = Inventory([Host(**{**h.__dict__, "env": {**dict(h.env), **cert}}) for h in binv.hosts])
+
+    async def go():
+        async with inv.connect() as cluster:
+            installed = await cluster.install(["numpy"])
+            results = await cluster.map(top_eigenvalues, range(10), chunksize=1)
+            return installed, results
+
+    installed, results = asyncio.run(go())
+    assert all(r.ok for r in installed), [r.error for r in installed if not r.ok]
+    assert [r.value for r in results] == [top_eigenvalues(i) for i in range(10)]
+    if isinstance(backend, DockerLab):
+        # no uv in the image: sshjobs brought it (unless this session installed before)
+        assert {r.value["uv"] for r in installed} <= {"uploaded", None}
+        offline = backend.offline_reason is not None
+        assert all(h.offline == offline for h in inv)
+        if offline:
+            wheels = backend.exec("node01", "sh", "-c", "ls ~/.cache/sshjobs/wheels")
+            assert "numpy-" in wheels and ".whl" in wheels
 
 
 # -- Real container faults ---------------------------------------------------------------
