@@ -25,6 +25,11 @@ venv: $(VENV)/.installed
 test: system-deps venv docker-base
 	$(PY) -m pytest -q
 
+# The seed demo: a 10-host lab (stopped afterwards), numpy installed on every host, 10 jobs.
+# DEMO_ARGS="--keep-lab" leaves the lab running; DEMO_ARGS="-i hosts.toml" uses your hosts.
+demo: system-deps venv
+	$(PY) examples/demo.py --hosts $(LAB_HOSTS) --dir $(LAB_DIR) $(DEMO_ARGS)
+
 lab-up: system-deps venv
 	$(VENV)/bin/sshjobs lab up --hosts $(LAB_HOSTS) --dir $(LAB_DIR) --out inventory/lab.toml
 

@@ -40,6 +40,7 @@ class HostState:
         self.hello: dict = {}
         self.connect_time: float | None = None
         self.start_time: float | None = None
+        self.emit: Callable[[str, str, dict], None] | None = None  # the Cluster's on_event
 
     @property
     def name(self) -> str:
@@ -53,6 +54,8 @@ class HostState:
         if self.error is None:
             self.error = (kind, message)
             log.warning("host failed", host=self.name, error=kind, detail=message)
+            if self.emit is not None:
+                self.emit(self.name, "failed", {"error": kind, "message": message})
 
     def failure(self, job: int = 0) -> Result:
         kind, message = self.error or ("NotConnected", f"{self.host.target}: not connected")
@@ -64,6 +67,14 @@ class Cluster:
 
     ``async with inventory.connect() as cluster:`` then ``await cluster.gather(fn)``,
     ``await cluster.map(fn, items)``, ``await cluster.submit(fn, *args)``.
+
+    ``on_event(host_name, event, info)`` is called as hosts and jobs progress (for live
+    displays): ``connecting``; ``connected`` (info: connect_time, start_time, python);
+    ``failed`` (the host is unusable; info: error, message); ``running`` when jobs are
+    sent to a host (info: jobs, job = the first job's index); ``done`` when their results
+    are back (info: jobs, job, ok, failed and, for one job, duration and error); installs
+    add ``installing``, ``uploading-uv``, ``uploading-wheels``, ``installed`` and
+    ``install-failed`` (see ``install``). It runs on the event loop and must not block; an exception in it is logged, not raised.
     """
 
     def __init__(self, inventory: Inventory, *, connect_concurrency: int = 64,
@@ -76,9 +87,27 @@ class Cluster:
         self.on_output = on_output
         self.on_event = on_event  # callback(host name, event, info): progress for the CLI
         self.offline = offline  # None: each host's inventory `offline`
+        for state in self.states:
+            state.emit = self.emit
         self._started = False
         self._closed = False
         self._slots_task: asyncio.Task | None = None
+
+    # -- progress events ----------------------------------------------------------
+    def _emit_running(self, host: str, first: int, count: int) -> None:
+        if self.on_event is not None:
+            self.emit(host, "running", {"jobs": count, "job": first})
+
+    def _emit_done(self, host: str, results: list[Result]) -> None:
+        if self.on_event is None or not results:
+            return
+        ok = sum(1 for r in results if r.ok)
+        info = {"jobs": len(results), "job": results[0].job, "ok": ok, "failed": len(results) - ok}
+        if len(results) == 1:
+            r = results[0]
+            info["duration"] = r.duration
+            info["error"] = None if r.ok else str(r.error)
+        self.emit(host, "done", info)
 
     # -- lifecycle ----------------------------------------------------------------
     async def __aenter__(self) -> "Cluster":
@@ -100,6 +129,7 @@ class Cluster:
     async def _open(self, state: HostState, sem: asyncio.Semaphore) -> None:
         t0 = time.perf_counter()
         async with sem:
+            self.emit(state.name, "connecting", {})
             try:
                 state.link = await HostLink.open(state.host)
             except ConnectError as exc:
@@ -117,6 +147,10 @@ class Cluster:
             state.hello = worker.hello
             slots = state.host.slots
             state.nslots = (worker.hello.get("cpus") or 1) if slots == "auto" else int(slots)
+            self.emit(state.name, "connected", {
+                "connect_time": state.connect_time, "start_time": state.start_time,
+                "python": ".".join(map(str, worker.hello.get("python") or ())),
+            })
 
     async def close(self) -> None:
         """Stop every worker (end of input makes each exit) and close the connections."""
@@ -277,15 +311,19 @@ class Cluster:
         worker = await self.worker_for(state, slot)
         if worker is None:
             return state.failure(index)
+        self._emit_running(state.name, index, 1)
         try:
             fut = worker.send(remote.CALL, fn_bytes, (args, kwargs))
             raw, outputs = await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
             await self.replace_worker(state, slot, worker)
-            return failure(state.name, "Timeout", f"the job did not finish within {timeout:g}s", job=index)
+            result = failure(state.name, "Timeout", f"the job did not finish within {timeout:g}s", job=index)
         except Exception as exc:
-            return worker_failure(worker, state.name, exc, index)
-        return make_results(worker, raw, outputs, [index], 1, state.loads, fn)[0]
+            result = worker_failure(worker, state.name, exc, index)
+        else:
+            result = make_results(worker, raw, outputs, [index], 1, state.loads, fn)[0]
+        self._emit_done(state.name, [result])
+        return result
 
     async def map(self, fn: Callable, iterable: Iterable, /, *, chunksize: int | None = None,
                   timeout: float | None = None, retries: int = 0, requirements=None) -> list[Result]:
@@ -311,6 +349,38 @@ class Cluster:
             run.last_error = next(iter(failed.values()))
         return await run.run()
 
+    async def ping(self, rounds: int = 3, timeout: float | None = None) -> list[Result]:
+        """Time an empty job's round trip through every host's worker, ``rounds`` times.
+
+        One Result per host in inventory order; ``value`` is the median round trip in seconds.
+        """
+        await self.start()
+        fn_bytes = pickle_function(int)  # a builtin: nothing to ship, nothing to import
+
+        async def one(state: HostState) -> Result:
+            worker = await self.worker_for(state, 0)
+            if worker is None:
+                return state.failure(state.index)
+            times = []
+            for _ in range(max(1, rounds)):
+                t0 = time.perf_counter()
+                try:
+                    raw, outputs = await asyncio.wait_for(worker.send(remote.CALL, fn_bytes, ((), {})), timeout)
+                except asyncio.TimeoutError:
+                    await self.replace_worker(state, 0, worker)
+                    return failure(state.name, "Timeout", f"no answer within {timeout:g}s", job=state.index)
+                except Exception as exc:
+                    return worker_failure(worker, state.name, exc, state.index)
+                times.append(time.perf_counter() - t0)
+                result = make_results(worker, raw, outputs, [state.index], 1, state.loads)[0]
+                if not result.ok:
+                    return result
+            result.value = sorted(times)[len(times) // 2]
+            result.duration = sum(times)
+            return result
+
+        return list(await asyncio.gather(*(one(s) for s in self.states)))
+
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> "asyncio.Future[Result]":
         """Run ``fn(*args, **kwargs)`` on the least-loaded worker; returns an awaitable Result."""
         loop = asyncio.get_running_loop()
@@ -329,7 +399,8 @@ class Cluster:
         return out
 
     async def _submit_later(self, fn: Callable, fn_bytes: bytes, args: tuple, kwargs: dict) -> Result:
-        await self.start()
+        # No live worker yet (first call, or all were replaced): wait for the slots to start.
+        await self.ensure_slots()
         worker = least_loaded(self.live_workers())
         if worker is None:
             dead = next((s for s in self.states if s.error), None)
@@ -346,17 +417,21 @@ class Cluster:
                                    f"cannot pickle the arguments: {type(exc).__name__}: {exc}"))
             return
         loads = worker.state.loads
+        self._emit_running(worker.host.name, 0, 1)
 
         def done(f: asyncio.Future) -> None:
             if out.done():
                 return
             if f.cancelled():
                 out.cancel()
-            elif f.exception() is not None:
-                out.set_result(worker_failure(worker, worker.host.name, f.exception(), 0))
+                return
+            if f.exception() is not None:
+                result = worker_failure(worker, worker.host.name, f.exception(), 0)
             else:
                 raw_body, outputs = f.result()
-                out.set_result(make_results(worker, raw_body, outputs, [0], 1, loads, fn)[0])
+                result = make_results(worker, raw_body, outputs, [0], 1, loads, fn)[0]
+            self._emit_done(worker.host.name, [result])
+            out.set_result(result)
 
         raw.add_done_callback(done)
 

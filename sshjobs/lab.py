@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -21,6 +22,14 @@ import asyncssh
 
 SSHD = "/usr/sbin/sshd"
 BLAS_ENV = "OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1"
+# The lab's hosts are this machine: they trust the certificates it trusts. Where HTTPS goes
+# through a TLS-inspecting proxy, uv (which ships its own roots) needs the system bundle.
+TLS_ENV = ("SSL_CERT_FILE", "SSL_CERT_DIR")
+
+
+def _host_env() -> str:
+    extra = [f"{k}={os.environ[k]}" for k in TLS_ENV if os.environ.get(k) and os.path.exists(os.environ[k])]
+    return " ".join([BLAS_ENV, *(f'"{e}"' if " " in e else e for e in extra)])
 
 
 class LabError(RuntimeError):
@@ -77,9 +86,12 @@ class Lab:
 
     def __init__(self, hosts: int = 10, directory: str | os.PathLike | None = None, *, subnet: int = 1,
                  prefix: str = "sshjobs-lab", inventory_path: str | os.PathLike | None = None,
-                 sshd_options: dict | None = None, slots: int = 1):
+                 sshd_options: dict | None = None, slots: int = 1, offset: int = 0):
         if not 1 <= hosts <= 250:
             raise LabError("a lab has 1 to 250 hosts")
+        if not 0 <= offset <= 254 - hosts:
+            raise LabError(f"host addresses 127.0.{subnet}.{offset + 1}-{offset + hosts} are out of range")
+        self.offset = offset  # as root, host i listens on 127.0.<subnet>.<offset + i>
         self.n = hosts
         self.dir = Path(directory or ".lab").resolve()
         self.subnet = subnet
@@ -131,7 +143,7 @@ class Lab:
                     _write_key(hostkey, asyncssh.generate_private_key("ssh-ed25519"))
                 pub = asyncssh.read_private_key(str(hostkey)).export_public_key("openssh").decode().strip()
                 if self.root:
-                    address, port, user = f"127.0.{self.subnet}.{i}", 22, f"{self.prefix}{i:02d}"
+                    address, port, user = f"127.0.{self.subnet}.{self.offset + i}", 22, f"{self.prefix}{i:02d}"
                     _ensure_user(user)
                     _install_key(user, auth.read_bytes())
                     workdir = "~/.cache/sshjobs"
@@ -177,7 +189,7 @@ class Lab:
             "PubkeyAuthentication": "yes",
             "StrictModes": "no",
             "Subsystem": "sftp internal-sftp",
-            "SetEnv": BLAS_ENV,
+            "SetEnv": _host_env(),
             "LogLevel": "ERROR",
         }
         opts.update(self.sshd_options)
@@ -252,27 +264,80 @@ class Lab:
         return Path(os.path.expanduser(f"~{self.hosts[index].user}"))
 
     @staticmethod
-    def stop_recorded(directory: str | os.PathLike) -> list[str]:
-        """Stop the servers of a lab started by another process (``sshjobs lab down``)."""
+    def _recorded(directory: str | os.PathLike) -> list[tuple[str, int]]:
+        """(name, pid) of the recorded servers that still run as this lab's sshd.
+
+        A running sshd rewrites its command line to one string such as
+        ``sshd: /usr/sbin/sshd -D -e -f DIR/node01/sshd_config [listener] ...``, so the
+        joined command line must name both sshd and this host's config.
+        """
+        directory = Path(directory).resolve()
+        state = directory / "lab.json"
+        if not state.exists():
+            return []
+        found = []
+        for h in json.loads(state.read_text())["hosts"]:
+            pid = h.get("pid")
+            config = str(directory / h["name"] / "sshd_config").encode()
+            try:
+                cmdline = Path(f"/proc/{int(pid)}/cmdline").read_bytes().replace(b"\0", b" ")
+            except (OSError, TypeError, ValueError):
+                continue
+            if SSHD.encode() in cmdline and config in cmdline and _alive(pid):
+                found.append((h["name"], pid))
+        return found
+
+    @staticmethod
+    def recorded_inventory(directory: str | os.PathLike) -> Path:
+        """The inventory written by the lab recorded in ``directory``."""
         state = Path(directory) / "lab.json"
+        try:
+            return Path(json.loads(state.read_text())["inventory"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise LabError(f"{state}: no lab recorded here ({exc})") from None
+
+    @staticmethod
+    def running(directory: str | os.PathLike) -> list[str]:
+        """Names of the hosts of a recorded lab in ``directory`` whose sshd still runs."""
+        return [name for name, _ in Lab._recorded(directory)]
+
+    @staticmethod
+    def stop_recorded(directory: str | os.PathLike, timeout: float = 5.0) -> list[str]:
+        """Stop the servers of a lab started by another process (``sshjobs lab down``);
+        only pids that are still this lab's sshd are signalled."""
+        directory = Path(directory).resolve()
+        state = directory / "lab.json"
         if not state.exists():
             return []
         stopped = []
-        data = json.loads(state.read_text())
-        for h in data["hosts"]:
-            pid = h.get("pid")
-            pidfile = Path(directory) / h["name"] / "sshd.pid"
-            # Only signal a pid that is still this lab's sshd.
+        for name, pid in Lab._recorded(directory):
             try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if cmdline and cmdline[0] == SSHD.encode() and str(Path(directory).resolve() / h["name"]).encode() in b" ".join(cmdline):
-                os.kill(pid, 15)
-                stopped.append(h["name"])
-            pidfile.unlink(missing_ok=True)
+                os.kill(pid, signal.SIGTERM)
+                stopped.append((name, pid))
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout
+        for _, pid in stopped:
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if _alive(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for h in json.loads(state.read_text())["hosts"]:
+            (directory / h["name"] / "sshd.pid").unlink(missing_ok=True)
         state.unlink()
-        return stopped
+        return [name for name, _ in stopped]
+
+
+def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie (an exited child not yet reaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def remove(directory: str | os.PathLike) -> None:

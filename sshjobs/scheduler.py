@@ -194,9 +194,11 @@ class MapRun:
         size = self.chunksize or (1 if self.timeout else chunk_size(n, max(1, len(workers))))
         for start in range(0, n, size):
             self.queue.append((start, min(n, start + size), 1))
+        # Few jobs: one pump must not take several while other slots stay idle.
+        slots = [(state, slot) for state, slot in self.cluster.slots() if state.index not in self.exclude]
+        self.depth = max(1, min(self.depth, -(-len(self.queue) // max(1, len(slots)))))
         # Pumps for every slot of every usable host; a pump whose worker dies replaces it.
-        pumps = [asyncio.create_task(self.pump(state, slot)) for state, slot in self.cluster.slots()
-                 if state.index not in self.exclude]
+        pumps = [asyncio.create_task(self.pump(state, slot)) for state, slot in slots]
         try:
             await asyncio.gather(*pumps)
         finally:
@@ -227,6 +229,7 @@ class MapRun:
                 if fut is not None:
                     inflight[fut] = (start, end, attempt, worker)
                     self.outstanding += 1
+                    self.cluster._emit_running(state.name, start, end - start)
             if not inflight:
                 if not self.queue and self.outstanding == 0:
                     break
@@ -244,6 +247,7 @@ class MapRun:
                                                   job=i, attempts=attempt)
                     self.outstanding -= 1
                     fut.cancel()
+                    self.cluster._emit_done(state.name, self.results[start:end])
                 inflight.clear()
                 await self.cluster.replace_worker(state, slot, worker)
                 self.wake.set()
@@ -254,13 +258,16 @@ class MapRun:
                 exc = fut.exception()
                 if exc is None:
                     raw, outputs = fut.result()
-                    for r in make_results(w, raw, outputs, range(start, end), attempt, state.loads, self.fn):
+                    got = make_results(w, raw, outputs, range(start, end), attempt, state.loads, self.fn)
+                    for r in got:
                         self.results[r.job] = r
+                    self.cluster._emit_done(state.name, got)
                 elif attempt <= self.retries:
                     self.queue.append((start, end, attempt + 1))
                 else:
                     for i in range(start, end):
                         self.results[i] = self.last_error = worker_failure(w, w.host.name, exc, i, attempt)
+                    self.cluster._emit_done(state.name, self.results[start:end])
             self.wake.set()
         # A pump that stops hands its unfinished work back.
         for fut, (start, end, attempt, w) in inflight.items():

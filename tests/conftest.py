@@ -11,10 +11,11 @@ import pytest
 from sshjobs import Inventory
 from sshjobs.lab import Lab
 
-# The demo's lab uses 127.0.1.x; tests keep out of its way (and out of each other's,
-# with SSHJOBS_LAB_SUBNET, when several checkouts test at once).
+# The demo's lab uses 127.0.1.x and the users sshjobs-labNN; tests keep out of its way
+# (and out of each other's, with SSHJOBS_LAB_SUBNET, when several checkouts test at once).
+# Their users differ too: a lab writes its client key into its users' authorized_keys.
 LAB_SUBNET = int(os.environ.get("SSHJOBS_LAB_SUBNET", "2"))
-LAB_PREFIX = "sshjobs-lab" if LAB_SUBNET == 2 else f"sshjobs-t{LAB_SUBNET}-"
+LAB_PREFIX = f"sshjobs-t{LAB_SUBNET}-"
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ Docker tests are skipped, with the reason, when no Docker engine answers (see co
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 
@@ -138,11 +137,7 @@ def top_eigenvalues(seed):
 
 def test_numpy_installed_at_run_time_gives_the_in_process_values(binv, backend):
     """Online on the lab; on containers that cannot reach the index, wheels shipped from here."""
-    inv = binv
-    if not isinstance(backend, DockerLab):
-        # lab hosts share this machine's TLS-inspecting proxy: give their uv its CA bundle
-        cert = {k: os.environ[k] for k in ("SSL_CERT_FILE",) if os.environ.get(k)}
-        inv = Inventory([Host(**{**h.__dict__, "env": {**dict(h.env), **cert}}) for h in binv.hosts])
+    inv = binv  # lab hosts get the controller's CA bundle (TLS-inspecting proxy) from the lab
 
     async def go():
         async with inv.connect() as cluster:

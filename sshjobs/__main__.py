@@ -1,0 +1,5 @@
+"""``python -m sshjobs``: the command line."""
+
+from .cli import main
+
+main()

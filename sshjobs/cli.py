@@ -1,0 +1,741 @@
+"""The ``sshjobs`` command line.
+
+Exit codes: 0 everything ok; 1 a job or a host failed; 2 a usage, inventory or job-file
+error (the message names the file and the key); 130 interrupted (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import shlex
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import click
+
+from . import __version__
+from .api import Cluster
+from .display import Progress, fmt_seconds, fold, print_results, result_json, short, summary
+from .inventory import Inventory, InventoryError
+from .log import configure
+from .result import Result
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+DEFAULT_INVENTORY = "hosts.toml"
+
+
+class UserError(Exception):
+    """Bad input from the user (job file, arguments): exit 2 with this message."""
+
+
+# -- options -----------------------------------------------------------------------------
+@dataclass
+class Options:
+    inventory: str | None = None
+    limit: str | None = None
+    timeout: float | None = None
+    as_json: bool = False
+    verbose: int = 0
+    quiet: bool = False
+    log_format: str = "human"
+
+    @property
+    def tty(self) -> bool:
+        return not self.as_json and sys.stdout.isatty()
+
+    def console(self):
+        """rich on a terminal; None means plain lines."""
+        if not self.tty:
+            return None
+        from rich.console import Console
+
+        return Console()
+
+
+def _inventory_options(f):
+    f = click.option("--limit", "-l", metavar="SELECTION",
+                     help="Only these hosts: names, globs or groups, comma-separated (node0*,gpu).")(f)
+    f = click.option("-i", "--inventory", metavar="FILE", envvar="SSHJOBS_INVENTORY", show_envvar=True,
+                     help=f"The inventory (TOML). Default: $SSHJOBS_INVENTORY, then ./{DEFAULT_INVENTORY}.")(f)
+    return f
+
+
+def _timeout_option(help: str = "Seconds a job may run; then it fails with Timeout."):
+    return click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS", help=help)
+
+
+def _output_options(f):
+    f = click.option("--log-format", type=click.Choice(["human", "json"]), default="human", show_default=True,
+                     help="Logs on stderr: human-readable or one JSON object a line.")(f)
+    f = click.option("-q", "--quiet", is_flag=True, help="Results only: no live display, no summary, errors-only logs.")(f)
+    f = click.option("-v", "--verbose", count=True,
+                     help="Remote tracebacks, the jobs' stdout/stderr and info logs; -vv for debug logs.")(f)
+    f = click.option("--json", "as_json", is_flag=True,
+                     help="Exactly one JSON object per result on stdout and nothing else.")(f)
+    return f
+
+
+def _install_options(f):
+    f = click.option("--offline", is_flag=True, default=None,
+                     help="Install from wheels shipped by the controller (hosts without internet).")(f)
+    f = click.option("-r", "--requirements", "requirement_files", multiple=True, metavar="FILE",
+                     type=click.Path(exists=True, dir_okay=False),
+                     help="Install the packages listed in FILE on the hosts first (repeatable).")(f)
+    f = click.option("--install", "packages", multiple=True, metavar="PKG",
+                     help="Install PKG on the hosts first; the jobs run in that environment (repeatable).")(f)
+    return f
+
+
+def _options(kw: dict) -> Options:
+    opts = Options(**{k: kw.pop(k) for k in list(kw) if k in Options.__dataclass_fields__})
+    level = logging.WARNING
+    if opts.quiet:
+        level = logging.ERROR
+    elif opts.verbose >= 2:
+        level = logging.DEBUG
+    elif opts.verbose:
+        level = logging.INFO
+    configure(level, opts.log_format)
+    return opts
+
+
+def load_inventory(opts: Options) -> Inventory:
+    path = opts.inventory or DEFAULT_INVENTORY
+    if opts.inventory is None and not Path(path).exists():
+        raise InventoryError(f"{path}: inventory file not found (give one with -i FILE or $SSHJOBS_INVENTORY)")
+    inv = Inventory.load(path)
+    return inv.select(opts.limit) if opts.limit else inv
+
+
+def read_requirements(packages: tuple[str, ...], files: tuple[str, ...]) -> list[str]:
+    """Requirement lines from PKG arguments and requirements files (comments and blanks dropped)."""
+    reqs = list(packages)
+    for name in files:
+        for line in Path(name).read_text().splitlines():
+            line = line.split(" #", 1)[0].strip()
+            if line and not line.startswith("#"):
+                reqs.append(line)
+    return reqs
+
+
+def check_requirements(reqs: list[str]) -> list[str]:
+    """Refuse what the installer would refuse (-e, nested -r), before connecting anywhere."""
+    from .provisioning import ProvisionError, parse_requirements
+
+    try:
+        parse_requirements(reqs)
+    except ProvisionError as exc:
+        raise UserError(str(exc)) from None
+    return reqs
+
+
+# -- job targets ---------------------------------------------------------------------------
+def load_target(target: str) -> Callable:
+    """``path/to/file.py:func`` or ``package.module:func`` (``func`` may be dotted: Class.method)."""
+    where, sep, name = target.rpartition(":")
+    if not sep or not where or not name:
+        raise UserError(f"{target!r}: TARGET must be path/to/file.py:func or package.module:func")
+    if where.endswith(".py") or "/" in where or os.sep in where:
+        module = _load_file(Path(where))
+    else:
+        if "" not in sys.path and os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())  # like `python -m`: the current folder's modules
+        try:
+            module = importlib.import_module(where)
+        except ImportError as exc:
+            raise UserError(f"{where}: cannot import the module: {exc}") from None
+        except Exception as exc:
+            raise UserError(f"{where}: importing the module failed:\n{_format_exc(exc)}") from None
+    obj: Any = module
+    for part in name.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise UserError(f"{where}: has no {name!r}") from None
+    if not callable(obj):
+        raise UserError(f"{where}: {name!r} is not callable (it is {type(obj).__name__})")
+    return obj
+
+
+def _load_file(path: Path):
+    if not path.is_file():
+        raise UserError(f"{path}: job file not found")
+    # The file's own name, so its sibling modules import as they would under `python file.py`.
+    name = path.stem if path.stem.isidentifier() and path.stem not in sys.modules else "_sshjobs_job"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise UserError(f"{path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        raise UserError(f"{path}:{exc.lineno}: syntax error: {exc.msg}") from None
+    except Exception as exc:
+        raise UserError(f"{path}: loading the job file failed:\n{_format_exc(exc)}") from None
+    return module
+
+
+def _format_exc(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
+
+
+def parse_arg(text: str) -> Any:
+    """A command-line argument: JSON when it parses (3, 2.5, true, [1, 2], "x"), else the string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def read_items(source) -> list:
+    """One JSON value per line (blank lines skipped)."""
+    items = []
+    name = getattr(source, "name", "<args>")
+    for lineno, line in enumerate(source, 1):
+        if not line.strip():
+            continue
+        try:
+            items.append(json.loads(line))
+        except ValueError as exc:
+            raise UserError(f"{name}:{lineno}: not a JSON value: {exc}") from None
+    return items
+
+
+# -- running --------------------------------------------------------------------------------
+def _run(coro: Awaitable) -> Any:
+    return asyncio.run(coro)
+
+
+def run_jobs(inv: Inventory, opts: Options, work: Callable[[Cluster], Awaitable[list[Result]]], *,
+             title: str, per_host: bool = False, what: str = "jobs", offline: bool | None = None,
+             describe: Callable[[Any], str] | None = None) -> int:
+    """Connect, run ``work(cluster)`` under the live display, print the results; the exit code."""
+    console = opts.console() if not opts.quiet else None
+    progress = Progress([h.name for h in inv], console=console, title=title)
+    options = {"offline": offline} if offline is not None else {}
+
+    async def go() -> list[Result]:
+        with progress:
+            async with Cluster(inv, on_event=progress.event, **options) as cluster:
+                return await work(cluster)
+
+    t0 = time.perf_counter()
+    results = _run(go())
+    elapsed = time.perf_counter() - t0
+    emit_results(results, opts, per_host=per_host, title=title, describe=describe)
+    if not opts.as_json and not opts.quiet:
+        line = summary(results, elapsed, what)
+        if console is not None:
+            console.print(line, style="green" if all(r.ok for r in results) else "red", highlight=False)
+        else:
+            print(line)
+    return EXIT_OK if results and all(r.ok for r in results) else EXIT_FAILED
+
+
+def emit_results(results: list[Result], opts: Options, *, per_host: bool = False, title: str = "",
+                 describe: Callable[[Any], str] | None = None) -> None:
+    if opts.as_json:
+        for r in results:
+            sys.stdout.write(json.dumps(result_json(r)) + "\n")
+        sys.stdout.flush()
+        return
+    console = opts.console()
+    print_results(results, console=console, verbose=opts.verbose, per_host=per_host,
+                  title=title if console is not None else "", describe=describe)
+
+
+# -- the commands ---------------------------------------------------------------------------
+class _Group(click.Group):
+    def list_commands(self, ctx):  # in the order they were added, not sorted
+        return list(self.commands)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="sshjobs")
+def cli():
+    """Run Python functions on SSH hosts that have nothing but sshd and python3.
+
+    Exit codes: 0 all ok, 1 some job or host failed, 2 usage or inventory error, 130 interrupted.
+    """
+
+
+@cli.command(context_settings={"ignore_unknown_options": False})
+@click.argument("target")
+@click.argument("args", nargs=-1)
+@_inventory_options
+@_timeout_option()
+@_install_options
+@_output_options
+def run(target, args, packages, requirement_files, offline, **kw):
+    """Call TARGET(*ARGS) once on every host.
+
+    TARGET is path/to/file.py:func or package.module:func. Each ARG is passed as JSON when it
+    parses as JSON (3, 2.5, true, '[1, 2]', '"3"'), else as a string. Put -- before
+    arguments that start with a dash.
+    """
+    opts = _options(kw)
+    fn = load_target(target)
+    values = [parse_arg(a) for a in args]
+    inv = load_inventory(opts)
+    reqs = check_requirements(read_requirements(packages, requirement_files)) if packages or requirement_files else []
+
+    async def work(cluster: Cluster) -> list[Result]:
+        extra = {"requirements": reqs} if reqs else {}  # installed first; jobs run in that environment
+        return await cluster.gather(fn, *values, timeout=opts.timeout, **extra)
+
+    return run_jobs(inv, opts, work, title=f"run {target}", offline=offline)
+
+
+@cli.command("map")
+@click.argument("target")
+@click.option("--range", "count", type=click.IntRange(min=0), metavar="N", help="Items 0 .. N-1.")
+@click.option("--args", "args_file", type=click.File("r"), metavar="FILE",
+              help="Items from FILE, one JSON value per line (- reads stdin).")
+@click.option("--retries", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Run a job again (on any host) when its worker or host was lost.")
+@_inventory_options
+@_timeout_option()
+@_install_options
+@_output_options
+def map_cmd(target, count, args_file, retries, packages, requirement_files, offline, **kw):
+    """Call TARGET(item) for every item, spread over every slot of every host.
+
+    TARGET is path/to/file.py:func or package.module:func; give the items with --range N
+    or --args FILE. Results come in input order.
+    """
+    opts = _options(kw)
+    if (count is None) == (args_file is None):
+        raise click.UsageError("give exactly one of --range N and --args FILE")
+    fn = load_target(target)
+    items = list(range(count)) if count is not None else read_items(args_file)
+    inv = load_inventory(opts)
+    reqs = check_requirements(read_requirements(packages, requirement_files)) if packages or requirement_files else []
+
+    async def work(cluster: Cluster) -> list[Result]:
+        extra = {"requirements": reqs} if reqs else {}
+        return await cluster.map(fn, items, timeout=opts.timeout, retries=retries, **extra)
+
+    return run_jobs(inv, opts, work, title=f"map {target}", offline=offline)
+
+
+@cli.command()
+@click.argument("packages", nargs=-1)
+@click.option("-r", "--requirements", "requirement_files", multiple=True, metavar="FILE",
+              type=click.Path(exists=True, dir_okay=False), help="Install the packages listed in FILE.")
+@click.option("--offline", is_flag=True, default=None,
+              help="Ship the wheels from the controller (hosts without internet).")
+@_inventory_options
+@_output_options
+def install(packages, requirement_files, offline, **kw):
+    """Install packages on every host, in an environment the jobs run in.
+
+    Name them (sshjobs install numpy 'pandas>=2') or list them in a file (-r requirements.txt).
+    """
+    opts = _options(kw)
+    reqs = read_requirements(packages, requirement_files)
+    if not reqs:
+        raise click.UsageError("name at least one package, or -r FILE")
+    check_requirements(reqs)
+    inv = load_inventory(opts)
+
+    async def work(cluster: Cluster) -> list[Result]:
+        return await cluster.install(reqs, offline=offline)
+
+    return run_jobs(inv, opts, work, title=f"install {' '.join(reqs)}", per_host=True, what="hosts",
+                    describe=_describe_env)
+
+
+def _describe_env(value: Any) -> str:
+    """An install Result's value in short: the environment and how it came to be."""
+    if not isinstance(value, dict) or "hash" not in value:
+        return short(value)
+    how = "already there" if value.get("cached") else f"built (uv: {value.get('uv')})"
+    return f"env {value['hash']} {how}: {value.get('env', '')}"
+
+
+@cli.command()
+@click.option("--count", "-c", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Round trips per host; the median is shown.")
+@_inventory_options
+@_timeout_option("Seconds to wait for each round trip.")
+@_output_options
+def ping(count, **kw):
+    """Per host: reachable, logged in, Python version, round trip through the worker, start times."""
+    opts = _options(kw)
+    inv = load_inventory(opts)
+    console = opts.console() if not opts.quiet else None
+    progress = Progress([h.name for h in inv], console=console, title="ping")
+
+    async def go():
+        with progress:
+            async with Cluster(inv, on_event=progress.event) as cluster:
+                results = await cluster.ping(rounds=count, timeout=opts.timeout)
+                return [_ping_row(s, r) for s, r in zip(cluster.hosts, results)]
+
+    rows = _run(go())
+    if opts.as_json:
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        headers = ["host", "target", "reachable", "auth", "python", "rtt", "connect", "start", "error"]
+        cells = [[row["host"], row["target"], _yn(row["reachable"]), _yn(row["auth"]), row["python"] or "-",
+                  fmt_seconds(row["rtt"]), fmt_seconds(row["connect_time"]), fmt_seconds(row["start_time"]),
+                  row["error"] or ""] for row in rows]
+        _print_table(headers, cells, console, ok=[row["ok"] for row in rows])
+        if not opts.quiet:
+            ok = sum(row["ok"] for row in rows)
+            print(f"{ok} of {len(rows)} hosts answered")
+    return EXIT_OK if all(row["ok"] for row in rows) else EXIT_FAILED
+
+
+_UNREACHABLE = {"ConnectTimeout", "ConnectionRefused", "NameError", "ConnectionError"}
+
+
+def _ping_row(state, result: Result) -> dict:
+    kind = state.error[0] if state.error else None
+    reachable = state.link is not None or (kind is not None and kind not in _UNREACHABLE)
+    python = ".".join(map(str, state.hello.get("python", ()))) or None
+    error = None if result.ok else (f"{result.error.type}: {result.error.message}" if result.error else "failed")
+    return {
+        "host": state.name, "target": state.host.target, "ok": result.ok, "reachable": reachable,
+        "auth": state.link is not None if reachable else None, "python": python,
+        "rtt": result.value if result.ok else None, "connect_time": state.connect_time,
+        "start_time": state.start_time, "error": error,
+    }
+
+
+def _yn(value: bool | None) -> str:
+    return "-" if value is None else ("yes" if value else "NO")
+
+
+def _print_table(headers: list[str], rows: list[list[str]], console, ok: list[bool] | None = None) -> None:
+    if console is not None:
+        from rich.markup import escape
+        from rich.table import Table
+
+        table = Table(box=None, pad_edge=False, header_style="bold")
+        for h in headers:
+            table.add_column(h, overflow="fold")
+        for i, row in enumerate(rows):
+            style = None if ok is None or ok[i] else "red"
+            table.add_row(*(escape(str(c)) for c in row), style=style)
+        console.print(table)
+        return
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    for row in [headers, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+@cli.command("exec", context_settings={"ignore_unknown_options": True})
+@click.argument("command", nargs=-1, required=True)
+@_inventory_options
+@_timeout_option("Seconds the command may run; then it is killed and the host fails.")
+@_output_options
+def exec_cmd(command, **kw):
+    """Run a shell command on every host: sshjobs exec -i INV -- CMD...
+
+    One argument is a shell command line ('uname -r; df -h /'); several are quoted one by
+    one. Identical outputs are shown once with the hosts that printed them (like clush -b),
+    then the exit codes.
+    """
+    opts = _options(kw)
+    inv = load_inventory(opts)
+    line = command[0] if len(command) == 1 else shlex.join(command)
+    console = opts.console() if not opts.quiet else None
+    progress = Progress([h.name for h in inv], console=console, title=f"exec {line}")
+
+    async def go():
+        sem = asyncio.Semaphore(64)
+        with progress:
+            return await asyncio.gather(*(_exec_one(h, line, opts.timeout, sem, progress) for h in inv))
+
+    rows = _run(go())
+    if opts.as_json:
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        _print_grouped(rows, console)
+    return EXIT_OK if all(r["ok"] for r in rows) else EXIT_FAILED
+
+
+async def _exec_one(host, line: str, timeout: float | None, sem: asyncio.Semaphore, progress: Progress) -> dict:
+    import asyncssh
+
+    from .connection import ConnectError, HostLink, env_prefix
+
+    row = {"host": host.name, "ok": False, "exit_status": None, "stdout": "", "stderr": "",
+           "error": None, "duration": 0.0}
+    t0 = time.perf_counter()
+    async with sem:
+        progress.event(host.name, "connecting", {})
+        try:
+            link = await HostLink.open(host)
+        except ConnectError as exc:
+            row["error"] = f"{exc.kind}: {exc.message}"
+            progress.event(host.name, "failed", {"error": exc.kind, "message": exc.message})
+            return row
+    env = dict(host.env)
+    remote = f"{env_prefix(env)}sh -c {shlex.quote(line)}" if env else line
+    progress.event(host.name, "running", {"jobs": 1, "job": 0})
+    try:
+        conn, release = await link.acquire()
+        try:
+            proc = await conn.create_process(remote, encoding="utf-8", errors="replace")
+            try:
+                done = await proc.wait(check=False, timeout=timeout)
+                row.update(exit_status=done.exit_status if done.exit_status is not None else -1,
+                           stdout=done.stdout or "", stderr=done.stderr or "")
+                if done.exit_signal:
+                    row["error"] = f"killed by signal {done.exit_signal[0]}"
+            except asyncssh.TimeoutError as exc:
+                proc.kill()  # an SSH signal request: sshd signals the command's process group
+                row.update(stdout=exc.stdout or "", stderr=exc.stderr or "",
+                           error=f"Timeout: the command did not finish within {timeout:g}s")
+            finally:
+                proc.close()
+        finally:
+            release()
+    except (asyncssh.Error, OSError) as exc:
+        row["error"] = f"HostLost: {host.target}: {exc}"
+    finally:
+        link.close()
+    row["duration"] = time.perf_counter() - t0
+    row["ok"] = row["exit_status"] == 0 and row["error"] is None
+    progress.event(host.name, "done", {"jobs": 1, "job": 0, "ok": int(row["ok"]), "failed": int(not row["ok"]),
+                                       "duration": row["duration"], "exit_status": row["exit_status"],
+                                       "error": row["error"]})
+    return row
+
+
+def _print_grouped(rows: list[dict], console) -> None:
+    """clush -b style: each distinct output once, under the (folded) hosts that printed it."""
+    groups: dict[tuple, list[str]] = {}
+    for row in rows:
+        key = (row["stdout"], row["stderr"], row["exit_status"], row["error"])
+        groups.setdefault(key, []).append(row["host"])
+    out = sys.stdout
+    for (stdout, stderr, status, error), hosts in groups.items():
+        label = f"{fold(hosts)} ({len(hosts)})"
+        tail = []
+        if status not in (0, None):
+            tail.append(f"exit {status}")
+        if error:
+            tail.append(error)
+        head = f"---------------- {label}{'  ' + '; '.join(tail) if tail else ''}"
+        if console is not None:
+            from rich.markup import escape
+
+            console.print(f"[bold {'red' if tail else 'cyan'}]{escape(head)}[/]", highlight=False, soft_wrap=True)
+            if stdout:
+                console.print(stdout.rstrip("\n"), markup=False, highlight=False, soft_wrap=True)
+            if stderr:
+                console.print(stderr.rstrip("\n"), style="red", markup=False, highlight=False, soft_wrap=True)
+        else:
+            out.write(head + "\n")
+            if stdout:
+                out.write(stdout if stdout.endswith("\n") else stdout + "\n")
+            if stderr:
+                out.write(stderr if stderr.endswith("\n") else stderr + "\n")
+    codes: dict[str, list[str]] = {}
+    for row in rows:
+        codes.setdefault("-" if row["exit_status"] is None else str(row["exit_status"]), []).append(row["host"])
+    parts = [f"{code} on {fold(hosts)}" for code, hosts in codes.items()]
+    out.write("exit codes: " + "; ".join(parts) + "\n")
+    out.flush()
+
+
+@cli.command()
+@_inventory_options
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per host on stdout.")
+def inventory(inventory, limit, as_json):
+    """Show the parsed hosts (nothing is contacted)."""
+    opts = Options(inventory=inventory, limit=limit, as_json=as_json)
+    configure(logging.WARNING)
+    inv = load_inventory(opts)
+    if as_json:
+        for h in inv:
+            print(json.dumps({
+                "host": h.name, "address": h.address, "port": h.port or 22, "user": h.user,
+                "groups": list(h.groups), "slots": h.slots, "python": h.python, "workdir": h.workdir,
+                "identity": h.identity, "known_hosts": h.known_hosts, "host_key_checking": h.host_key_checking,
+                "connect_timeout": h.connect_timeout, "offline": h.offline,
+                "env": sorted(k for k, _ in h.env),  # names only: values may hold credentials
+            }))
+        return EXIT_OK
+    headers = ["host", "address", "port", "user", "groups", "slots", "python", "workdir", "env"]
+    rows = [[h.name, h.address, str(h.port or 22), h.user or "-", ",".join(h.groups) or "-", str(h.slots),
+             h.python, h.workdir, ",".join(k for k, _ in h.env) or "-"] for h in inv]
+    _print_table(headers, rows, opts.console())
+    return EXIT_OK
+
+
+# -- environments on the hosts ---------------------------------------------------------------
+@cli.group()
+def env():
+    """The package environments sshjobs built on the hosts (see `sshjobs install`)."""
+
+
+@env.command("list")
+@_inventory_options
+@_output_options
+def env_list(**kw):
+    """The environments on every host: requirements, Python, created, last used."""
+    opts = _options(kw)
+    inv = load_inventory(opts)
+
+    async def work(cluster: Cluster) -> list[Result]:
+        return await cluster.list_envs()
+
+    results = _run(_with_cluster(inv, opts, work, "env list"))
+    if opts.as_json:
+        emit_results(results, opts)
+    else:
+        rows, ok = [], []
+        now = time.time()
+        for r in results:
+            if not r.ok:
+                rows.append([r.host, "-", "-", "-", "-", "-", f"{r.error.type}: {r.error.message}" if r.error else ""])
+                ok.append(False)
+                continue
+            for e in r.value or [{"hash": "(none)"}]:
+                rows.append([r.host, str(e.get("hash", ""))[:12], " ".join(e.get("requirements", [])) or "-",
+                             _python_id(e.get("python")), _age(now, e.get("created")), _age(now, e.get("last_used")),
+                             "" if e.get("complete", True) else "incomplete"])
+                ok.append(True)
+        _print_table(["host", "env", "requirements", "python", "created", "last used", ""], rows,
+                     opts.console(), ok=ok)
+    return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
+
+
+@env.command("prune")
+@click.option("--older-than", default="7d", show_default=True, metavar="AGE",
+              help="Remove environments not used for AGE (30m, 12h, 7d, 2w) and interrupted builds.")
+@_inventory_options
+@_output_options
+def env_prune(older_than, **kw):
+    """Remove environments nobody used lately (one in use right now is kept)."""
+    from .provisioning import parse_age
+
+    opts = _options(kw)
+    try:
+        parse_age(older_than)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--older-than") from None
+    inv = load_inventory(opts)
+
+    async def work(cluster: Cluster) -> list[Result]:
+        return await cluster.prune_envs(older_than)
+
+    results = _run(_with_cluster(inv, opts, work, "env prune"))
+    if opts.as_json:
+        emit_results(results, opts)
+    else:
+        rows = [[r.host, str(len(r.value["removed"])), str(len(r.value["kept"])), ""] if r.ok else
+                [r.host, "-", "-", f"{r.error.type}: {r.error.message}" if r.error else "failed"] for r in results]
+        _print_table(["host", "removed", "kept", "error"], rows, opts.console(), ok=[r.ok for r in results])
+    return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
+
+
+async def _with_cluster(inv: Inventory, opts: Options, work, title: str):
+    console = opts.console() if not opts.quiet else None
+    progress = Progress([h.name for h in inv], console=console, title=title)
+    with progress:
+        async with Cluster(inv, on_event=progress.event) as cluster:
+            return await work(cluster)
+
+
+def _age(now: float, then: float | None) -> str:
+    if not then:
+        return "-"
+    s = max(0.0, now - then)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{s / size:.0f}{unit} ago"
+    return f"{s:.0f}s ago"
+
+
+def _python_id(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    return str(value or "-")
+
+
+# -- the lab ------------------------------------------------------------------------------------
+@cli.group()
+def lab():
+    """A local lab of real OpenSSH servers (for trying sshjobs and for its tests)."""
+
+
+@lab.command("up")
+@click.option("--hosts", "-n", type=click.IntRange(1, 250), default=10, show_default=True)
+@click.option("--dir", "directory", default=".lab", show_default=True, metavar="DIR",
+              help="Where the lab keeps its keys, configs and logs.")
+@click.option("--out", default="inventory/lab.toml", show_default=True, metavar="FILE",
+              help="Where to write the lab's inventory.")
+@click.option("--subnet", type=click.IntRange(0, 255), default=1, show_default=True,
+              help="As root: host i listens on 127.0.SUBNET.(OFFSET+i).")
+@click.option("--offset", type=click.IntRange(0, 253), default=0, show_default=True)
+@click.option("--prefix", default="sshjobs-lab", show_default=True,
+              help="As root: host i logs in the Unix user PREFIX<i> (created if missing).")
+def lab_up(hosts, directory, out, subnet, offset, prefix):
+    """Start HOSTS sshd servers and write their inventory; they run until `sshjobs lab down`."""
+    from .lab import Lab, LabError
+
+    configure(logging.WARNING)
+    running = Lab.running(directory)
+    if running:
+        click.echo(f"Error: a lab is already running in {directory} ({fold(running)}): "
+                   f"stop it with `sshjobs lab down --dir {directory}`", err=True)
+        return EXIT_FAILED
+    try:
+        the_lab = Lab(hosts, directory, subnet=subnet, prefix=prefix, inventory_path=out, offset=offset).up()
+    except LabError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        return EXIT_FAILED
+    first, last = the_lab.hosts[0], the_lab.hosts[-1]
+    where = f"{first.address}-{last.address.rsplit('.', 1)[-1]}" if first.port == 22 else f"127.0.0.1 ports {first.port}..."
+    click.echo(f"lab: {hosts} OpenSSH servers up on {where}; inventory in {out}")
+    click.echo(f"stop it with: sshjobs lab down --dir {directory}")
+    return EXIT_OK
+
+
+@lab.command("down")
+@click.option("--dir", "directory", default=".lab", show_default=True, metavar="DIR")
+def lab_down(directory):
+    """Stop the servers of the lab in DIR (by their recorded pids)."""
+    from .lab import Lab
+
+    stopped = Lab.stop_recorded(directory)
+    click.echo(f"lab: stopped {len(stopped)} servers" + (f" ({fold(stopped)})" if stopped else ""))
+    return EXIT_OK
+
+
+# -- entry point ----------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = cli.main(args=argv, prog_name="sshjobs", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.ClickException as exc:  # usage errors: exit 2
+        exc.show()
+        code = exc.exit_code
+    except (InventoryError, UserError) as exc:
+        click.echo(f"Error: {exc}", err=True)
+        code = EXIT_USAGE
+    except (KeyboardInterrupt, click.Abort):
+        click.echo("interrupted", err=True)
+        code = EXIT_INTERRUPTED
+    sys.exit(code if isinstance(code, int) else EXIT_OK)

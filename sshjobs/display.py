@@ -1,0 +1,336 @@
+"""What the command line shows: live progress per host, result tables, plain lines, JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+import time
+from collections import Counter
+from typing import Any, Iterable, TextIO
+
+from .log import get_logger
+from .result import Result
+
+log = get_logger("sshjobs.cli")
+
+_STYLE = {
+    "waiting": "dim", "connecting": "cyan", "connected": "blue", "installing": "magenta",
+    "installed": "green", "running": "yellow", "done": "green", "failed": "bold red",
+}
+LIVE_ROWS = 20  # hosts drawn at most; the busiest and failed ones first
+
+
+class HostProgress:
+    __slots__ = ("name", "state", "running", "ok", "failed", "note")
+
+    def __init__(self, name: str):
+        self.name = name
+        self.state = "waiting"
+        self.running = 0
+        self.ok = 0
+        self.failed = 0
+        self.note = ""
+
+
+class Progress:
+    """Follows a Cluster's ``on_event`` hook; on a terminal draws it live with rich.
+
+    Every event is also logged (INFO) with its host and fields, for ``-v`` and
+    ``--log-format json``.
+    """
+
+    def __init__(self, hosts: Iterable[str], console=None, title: str = ""):
+        self.hosts = {name: HostProgress(name) for name in hosts}
+        self.console = console
+        self.title = title
+        self.t0 = time.perf_counter()
+        self._live = None
+
+    # -- events -------------------------------------------------------------------
+    def event(self, host: str, event: str, info: dict) -> None:
+        log.info(event, host=host, **{k: v for k, v in info.items() if k != "event"})
+        h = self.hosts.get(host)
+        if h is None:
+            h = self.hosts[host] = HostProgress(host)
+        if event == "running":
+            h.running += int(info.get("jobs", 1))
+            h.state = "running"
+        elif event == "done":
+            h.running = max(0, h.running - int(info.get("jobs", 1)))
+            h.ok += int(info.get("ok", 0))
+            h.failed += int(info.get("failed", 0))
+            if info.get("error"):
+                h.note = _first_line(str(info["error"]))
+            if h.state != "failed":
+                h.state = "running" if h.running else "done"
+        elif event == "failed":  # the host is unusable
+            h.state = "failed"
+            h.running = 0
+            h.note = _first_line(f"{info.get('error', 'Error')}: {info.get('message', '')}")
+        elif event == "install-failed":
+            h.state = "failed"
+            h.note = _first_line(f"{info.get('type', 'InstallError')}: {info.get('error', '')}")
+        elif event == "connected":
+            h.state = "connected"
+            if info.get("python"):
+                h.note = f"python {info['python']}"
+        else:  # connecting, installing, installed and whatever else a newer core sends
+            h.state = event
+            if event == "installed":
+                h.note = ""
+
+    # -- live display -------------------------------------------------------------
+    def __enter__(self) -> "Progress":
+        self.t0 = time.perf_counter()
+        if self.console is not None:
+            from rich.live import Live
+
+            self._live = Live(get_renderable=self.render, console=self.console,
+                              refresh_per_second=8, transient=True)
+            self._live.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+    def counts(self) -> Counter:
+        return Counter(h.state for h in list(self.hosts.values()))
+
+    def render(self):
+        from rich.table import Table
+
+        hosts = list(self.hosts.values())
+        shown = hosts
+        if len(hosts) > LIVE_ROWS:
+            order = {"failed": 0, "running": 1, "installing": 2, "connecting": 3, "connected": 4}
+            shown = sorted(hosts, key=lambda h: order.get(h.state, 9))[:LIVE_ROWS]
+            keep = {id(h) for h in shown}
+            shown = [h for h in hosts if id(h) in keep]
+        counts = self.counts()
+        jobs_ok = sum(h.ok for h in hosts)
+        jobs_failed = sum(h.failed for h in hosts)
+        jobs_running = sum(h.running for h in hosts)
+        summary = " · ".join(f"{n} {state}" for state, n in counts.items())
+        caption = (f"{len(hosts)} hosts: {summary} | jobs: {jobs_running} running, {jobs_ok} ok,"
+                   f" {jobs_failed} failed | {time.perf_counter() - self.t0:.1f}s")
+        if len(shown) < len(hosts):
+            caption += f" | {len(hosts) - len(shown)} more hosts not shown"
+        table = Table(box=None, pad_edge=False)
+        table.add_column("host", no_wrap=True)
+        table.add_column("state", no_wrap=True)
+        table.add_column("running", justify="right")
+        table.add_column("ok", justify="right")
+        table.add_column("failed", justify="right")
+        table.add_column("", overflow="ellipsis", no_wrap=True)
+        for h in shown:
+            style = _STYLE.get(h.state, "")
+            table.add_row(h.name, f"[{style}]{h.state}[/]" if style else h.state, str(h.running or ""),
+                          str(h.ok or ""), f"[red]{h.failed}[/]" if h.failed else "",
+                          f"[red]{_escape(h.note)}[/]" if h.state == "failed" else _escape(h.note))
+        from rich.console import Group
+        from rich.text import Text
+
+        parts = [Text(self.title, style="bold", overflow="ellipsis", no_wrap=True)] if self.title else []
+        return Group(*parts, table, Text(caption, style="dim", overflow="ellipsis", no_wrap=True))
+
+
+# -- values ---------------------------------------------------------------------------
+def short(value: Any, width: int | None = 80) -> str:
+    """A value's repr on one line, cut to ``width`` characters."""
+    try:
+        text = repr(value)
+    except Exception as exc:
+        text = f"<unprintable {type(value).__name__}: {exc}>"
+    text = re.sub(r"\s*\n\s*", " ", text)
+    if width and len(text) > width:
+        text = text[: width - 1] + "…"
+    return text
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist") and callable(obj.tolist):  # numpy arrays and scalars
+        return obj.tolist()
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj, key=repr)
+    raise TypeError(type(obj).__name__)
+
+
+def json_value(value: Any) -> tuple[Any, bool]:
+    """(value as JSON data, False) when it can be, else (its repr, True)."""
+    try:
+        return json.loads(json.dumps(value, default=_json_default, allow_nan=False)), False
+    except (TypeError, ValueError, RecursionError):
+        return short(value, None), True
+
+
+def result_json(r: Result, **extra: Any) -> dict:
+    value, is_repr = json_value(r.value) if r.ok else (None, False)
+    err = r.error
+    out = {
+        "host": r.host,
+        "job": r.job,
+        "ok": r.ok,
+        "value": value,
+        "value_is_repr": is_repr,
+        "error": None if err is None else {"type": err.type, "message": err.message, "traceback": err.traceback},
+        "duration": round(r.duration, 6),
+        "attempts": r.attempts,
+        "stdout": r.stdout,
+        "stderr": r.stderr,
+    }
+    out.update(extra)
+    return out
+
+
+def error_line(r: Result, width: int = 400) -> str:
+    """The error on one line: multi-line messages (an installer's output) are joined."""
+    if r.error is None:
+        return "failed"
+    text = f"{r.error.type}: {r.error.message}" if r.error.message else r.error.type
+    return short_text(" ".join(line.strip() for line in text.splitlines() if line.strip()), width)
+
+
+def short_text(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def fmt_seconds(s: float | None) -> str:
+    if s is None or (isinstance(s, float) and math.isnan(s)):
+        return "-"
+    return f"{s * 1000:.1f}ms" if s < 1 else f"{s:.2f}s"
+
+
+# -- results ----------------------------------------------------------------------------
+TABLE_ROWS = 200  # rows of a terminal result table; --json or a pipe gives every result
+
+
+def print_results(results: list[Result], *, console=None, out: TextIO | None = None, verbose: int = 0,
+                  per_host: bool = False, title: str = "", describe=None) -> None:
+    """A rich table on a terminal (``console``), else one plain line per result on ``out``.
+
+    ``describe(value) -> str`` replaces the value's repr (``install`` shows the environment).
+    """
+    if console is not None:
+        _results_table(results, console, verbose, per_host, title, describe)
+    else:
+        _results_plain(results, out or sys.stdout, verbose, per_host, describe)
+
+
+def _results_table(results, console, verbose, per_host, title, describe=None) -> None:
+    from rich.table import Table
+
+    shown = results
+    if len(results) > TABLE_ROWS:
+        bad = [r for r in results if not r.ok][:TABLE_ROWS]
+        shown = sorted(bad + [r for r in results if r.ok][: TABLE_ROWS - len(bad)], key=lambda r: r.job)
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    if not per_host:
+        table.add_column("job", justify="right", no_wrap=True)
+    table.add_column("host", no_wrap=True)
+    table.add_column("value", overflow="ellipsis", no_wrap=True, ratio=1)
+    table.add_column("duration", justify="right", no_wrap=True)
+    for r in shown:
+        cells = [] if per_host else [str(r.job)]
+        text = describe(r.value) if describe else short(r.value, 200)
+        value = _escape(text) if r.ok else f"[red]{_escape(error_line(r))}[/]"
+        mark = "[green]✓[/]" if r.ok else "[red]✗[/]"
+        cells += [f"{mark} {_escape(r.host)}", value, fmt_seconds(r.duration)]
+        table.add_row(*cells)
+    console.print(table)
+    if len(shown) < len(results):
+        console.print(f"[dim]{len(results) - len(shown)} more results not shown (--json lists every one)[/]")
+    for r in results:
+        if verbose:
+            _details(r, lambda text, style="": console.print(text, style=style or None, markup=False,
+                                                            highlight=False, soft_wrap=True), per_host)
+    if not verbose and any(not r.ok and r.error is not None and r.error.traceback for r in results):
+        console.print("[dim]-v shows the remote tracebacks and the jobs' output[/]")
+
+
+def _results_plain(results, out, verbose, per_host, describe=None) -> None:
+    width = max((len(r.host) for r in results), default=4)
+    for r in results:
+        job = "" if per_host else f"job-{r.job}  "
+        status = "ok    " if r.ok else "FAILED"
+        if not r.ok:
+            text = error_line(r)
+        else:
+            text = describe(r.value) if describe else short(r.value, None if verbose else 200)
+        out.write(f"{job}{r.host:<{width}}  {status}  {fmt_seconds(r.duration):>8}  {text}\n")
+        if verbose:
+            _details(r, lambda text, style="": out.write(text + "\n"), per_host)
+    out.flush()
+
+
+def _details(r: Result, emit, per_host: bool) -> None:
+    label = r.host if per_host else f"job-{r.job} on {r.host}"
+    if not r.ok and r.error is not None and r.error.traceback:
+        emit(f"--- {label}: remote traceback", "bold red")
+        emit(r.error.traceback.rstrip("\n"), "red")
+    if r.stdout:
+        emit(f"--- {label}: stdout", "bold")
+        emit(r.stdout.rstrip("\n"))
+    if r.stderr:
+        emit(f"--- {label}: stderr", "bold")
+        emit(r.stderr.rstrip("\n"))
+
+
+def summary(results: list[Result], elapsed: float, what: str = "jobs") -> str:
+    ok = sum(1 for r in results if r.ok)
+    hosts = len({r.host for r in results})
+    line = f"{ok} of {len(results)} {what} ok"
+    if ok < len(results):
+        line += f", {len(results) - ok} failed"
+    return f"{line} ({hosts} host{'s' if hosts != 1 else ''}, {elapsed:.2f}s)"
+
+
+# -- host names ---------------------------------------------------------------------------
+def fold(names: list[str]) -> str:
+    """``node01,node02,node03,web`` -> ``node[01-03],web`` (like clush's node sets)."""
+    groups: dict[tuple[str, int], list[int]] = {}
+    order: list[tuple[str, int] | str] = []
+    for name in names:
+        m = re.fullmatch(r"(.*?)(\d+)", name)
+        if not m:
+            order.append(name)
+            continue
+        key = (m.group(1), len(m.group(2)))
+        if key not in groups:
+            groups[key] = []
+            order.append(key)
+        groups[key].append(int(m.group(2)))
+    parts = []
+    for item in order:
+        if isinstance(item, str):
+            parts.append(item)
+            continue
+        prefix, width = item
+        nums = sorted(set(groups[item]))
+        if len(nums) == 1:
+            parts.append(f"{prefix}{nums[0]:0{width}d}")
+            continue
+        ranges = []
+        start = prev = nums[0]
+        for n in nums[1:] + [None]:
+            if n is not None and n == prev + 1:
+                prev = n
+                continue
+            ranges.append(f"{start:0{width}d}" if start == prev else f"{start:0{width}d}-{prev:0{width}d}")
+            if n is not None:
+                start = prev = n
+        parts.append(f"{prefix}[{','.join(ranges)}]")
+    return ",".join(parts)
