@@ -49,8 +49,9 @@ docker-up: venv
 	@$(DOCKER_OK) || { echo "no Docker engine answers (docker info)"; exit 1; }
 	$(PY) -m sshjobs.dockerlab up --dir .docker --out inventory/docker.toml
 
+# The seed demo on the containers; it says whether numpy came online or as shipped wheels.
 docker-demo: docker-up
-	$(PY) examples/eigen.py --inventory inventory/docker.toml
+	$(PY) examples/demo.py -i inventory/docker.toml
 
 # Removes only this project's containers, network and images (sshjobs/node, sshjobs/base).
 docker-down:

@@ -263,3 +263,35 @@ def test_docker_network_disconnect_is_detected_as_a_lost_host(docker_lab):
     assert elapsed < 20, elapsed
     # the node is back: a new session reaches all ten
     assert [r.value for r in base.gather(lambda: 2)] == [2] * 10
+
+
+@pytest.mark.docker
+def test_the_demo_on_the_containers_prints_the_seed_shape_and_its_install_mode(docker_lab):
+    import json
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("numpy")  # the in-process reference
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    sys.path.insert(0, str(examples))
+    try:
+        from eigen import eigen
+    finally:
+        sys.path.remove(str(examples))
+    p = subprocess.run([sys.executable, examples / "demo.py", "-i", docker_lab.inventory_path],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = p.stdout.splitlines()
+    mode = "offline (numpy's wheels are shipped from this machine)" if docker_lab.offline_reason \
+        else "online (the hosts install from the package index)"
+    assert lines[0] == f"Install mode: {mode}"
+    assert lines[1:4] == ["Waiting for 10 workers...", "  found 10 workers", "Installing numpy on 10 workers..."]
+    assert lines[4:14] == [f"  ✓ {h.name}" for h in docker_lab.hosts]
+    assert lines[14] == "Submitting 10 jobs in parallel..."
+    for job_id, line in enumerate(lines[15:25]):
+        m = re.fullmatch(r"  job-(\d+) → (node\d\d)   eigenvalues: (\[.*\])", line)
+        assert m and int(m.group(1)) == job_id, line
+        assert json.loads(m.group(3)) == eigen(job_id)["top_eigenvalues"]
+    assert re.fullmatch(r"All 10 jobs completed in \d+\.\d\ds", lines[25])
