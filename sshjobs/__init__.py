@@ -2,7 +2,7 @@
 
 from .api import Cluster
 from .inventory import Host, Inventory, InventoryError
-from .result import RemoteError, Result
+from .result import RemoteError, Result, Timeout
 
-__all__ = ["Cluster", "Host", "Inventory", "InventoryError", "RemoteError", "Result"]
+__all__ = ["Cluster", "Host", "Inventory", "InventoryError", "RemoteError", "Result", "Timeout"]
 __version__ = "0.1.0"

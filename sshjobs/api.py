@@ -7,12 +7,13 @@ import concurrent.futures
 import time
 from typing import Any, Callable, Iterable
 
-from . import provisioning, remote
+from . import provisioning, remote, safe
 from .connection import ConnectError, HostLink
 from .inventory import Host, Inventory
 from .log import get_logger
 from .result import Result, failure
-from .scheduler import MapRun, PickleFailure, least_loaded, make_results, pickle_function, worker_failure
+from .scheduler import (MapRun, PickleFailure, least_loaded, make_results, pickle_function, timeout_failure,
+                        worker_failure)
 from .worker import Worker, WorkerError, dumps
 
 log = get_logger("sshjobs.api")
@@ -79,9 +80,14 @@ class Cluster:
 
     def __init__(self, inventory: Inventory, *, connect_concurrency: int = 64,
                  start_timeout: float = 60.0, on_output: Callable | None = None,
-                 on_event: Callable[[str, str, dict], Any] | None = None, offline: bool | None = None):
+                 on_event: Callable[[str, str, dict], Any] | None = None, offline: bool | None = None,
+                 safe_results: bool | Iterable[str] | None = None):
         self.inventory = inventory
         self.states = [HostState(h, i) for i, h in enumerate(inventory.hosts)]
+        # safe_results (API or inventory): results decoded by the restricted unpickler.
+        self.safe_results = safe_results
+        for state in self.states:
+            state.loads = safe.resolve(safe_results, state.host.safe_results)
         self.connect_concurrency = connect_concurrency
         self.start_timeout = start_timeout
         self.on_output = on_output
@@ -208,6 +214,9 @@ class Cluster:
 
     async def replace_worker(self, state: HostState, slot: int, worker: Worker) -> None:
         """Kill a worker (its job overran or is cancelled); the slot gets a new one on demand."""
+        self.discard_worker(state, slot, worker)
+
+    def discard_worker(self, state: HostState, slot: int, worker: Worker) -> None:
         worker.kill()
         if slot < len(state.workers) and state.workers[slot] is worker:
             state.workers[slot] = None
@@ -285,17 +294,18 @@ class Cluster:
 
     # -- jobs ---------------------------------------------------------------------
     async def gather(self, fn: Callable, /, *args: Any, timeout: float | None = None,
-                     requirements=None, **kwargs: Any) -> list[Result]:
+                     requirements=None, safe_results: bool | Iterable[str] | None = None,
+                     **kwargs: Any) -> list[Result]:
         """``fn(*args, **kwargs)`` once on every host; Results in inventory order.
 
-        ``timeout`` (seconds per job) and ``requirements`` (installed first, see ``install``;
-        a host whose install failed gets that failure instead of running ``fn``) are
-        sshjobs' own; every other keyword goes to ``fn``.
+        ``timeout`` (seconds per job), ``requirements`` (installed first, see ``install``;
+        a host whose install failed gets that failure instead of running ``fn``) and
+        ``safe_results`` (see sshjobs.safe) are sshjobs' own; every other keyword goes to ``fn``.
         """
         await self.start()
         try:
             fn_bytes = pickle_function(fn)
-            dumps((args, kwargs))
+            body = dumps((args, kwargs))  # once: every host's frame shares these bytes
         except PickleFailure as exc:
             return [failure(s.name, "PicklingError", exc.message, job=s.index) for s in self.states]
         except Exception as exc:
@@ -303,34 +313,48 @@ class Cluster:
             return [failure(s.name, "PicklingError", msg, job=s.index) for s in self.states]
         failed = await self._install_for_jobs(requirements)
         return list(await asyncio.gather(
-            *(self._call(s, 0, fn, fn_bytes, args, kwargs, s.index, timeout) if s.index not in failed
-              else _as_job(failed[s.index], s.index) for s in self.states)))
+            *(self._call(s, 0, fn, fn_bytes, body, s.index, timeout, self._loads(s, safe_results))
+              if s.index not in failed else _as_job(failed[s.index], s.index) for s in self.states)))
 
-    async def _call(self, state: HostState, slot: int, fn: Callable, fn_bytes: bytes, args: tuple,
-                    kwargs: dict, index: int, timeout: float | None) -> Result:
+    def _loads(self, state: HostState, safe_results) -> Callable | None:
+        if safe_results is None or safe_results is False:
+            return state.loads
+        return safe.resolve(safe_results, self.safe_results, state.host.safe_results)
+
+    async def _call(self, state: HostState, slot: int, fn: Callable, fn_bytes: bytes, body: bytes,
+                    index: int, timeout: float | None, loads=None) -> Result:
         worker = await self.worker_for(state, slot)
         if worker is None:
             return state.failure(index)
         self._emit_running(state.name, index, 1)
+        fut = None
         try:
-            fut = worker.send(remote.CALL, fn_bytes, (args, kwargs))
+            fut = worker.send(remote.CALL, fn_bytes, body)
             raw, outputs = await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
             await self.replace_worker(state, slot, worker)
-            result = failure(state.name, "Timeout", f"the job did not finish within {timeout:g}s", job=index)
+            result = timeout_failure(state.name, timeout, index)
+        except asyncio.CancelledError:
+            # The caller gave up: the job must not run on unseen (nor keep the slot busy).
+            if fut is not None and (fut.cancelled() or not fut.done()):  # wait_for cancels fut
+                self.discard_worker(state, slot, worker)
+            raise
         except Exception as exc:
             result = worker_failure(worker, state.name, exc, index)
         else:
-            result = make_results(worker, raw, outputs, [index], 1, state.loads, fn)[0]
+            result = make_results(worker, raw, outputs, [index], 1, loads or state.loads, fn)[0]
         self._emit_done(state.name, [result])
         return result
 
     async def map(self, fn: Callable, iterable: Iterable, /, *, chunksize: int | None = None,
-                  timeout: float | None = None, retries: int = 0, requirements=None) -> list[Result]:
+                  timeout: float | None = None, retries: int = 0, requirements=None,
+                  safe_results: bool | Iterable[str] | None = None) -> list[Result]:
         """``fn(item)`` for each item, spread over every slot of every host; Results in input order.
 
         ``retries``: how many more times a job whose worker or host was lost is tried (on any host).
+        ``timeout``: seconds per item (each item then runs on its own).
         ``requirements``: installed first (see ``install``); hosts whose install failed take no items.
+        ``safe_results``: decode results with the restricted unpickler (see sshjobs.safe).
         """
         items = list(iterable)
         try:
@@ -341,7 +365,7 @@ class Cluster:
         failed = await self._install_for_jobs(requirements)
         await self.ensure_slots()
         run = MapRun(self, fn, fn_bytes, items, chunksize=chunksize, timeout=timeout, retries=retries,
-                     exclude=set(failed))
+                     exclude=set(failed), loads=(lambda state: self._loads(state, safe_results)))
         dead = next((s for s in self.states if s.error), None)
         if dead is not None:
             run.last_error = dead.failure()
@@ -381,8 +405,13 @@ class Cluster:
 
         return list(await asyncio.gather(*(one(s) for s in self.states)))
 
-    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> "asyncio.Future[Result]":
-        """Run ``fn(*args, **kwargs)`` on the least-loaded worker; returns an awaitable Result."""
+    def submit(self, fn: Callable, /, *args: Any, timeout: float | None = None,
+               safe_results: bool | Iterable[str] | None = None, **kwargs: Any) -> "asyncio.Future[Result]":
+        """Run ``fn(*args, **kwargs)`` on the least-loaded worker; returns an awaitable Result.
+
+        ``timeout`` (seconds) and ``safe_results`` are sshjobs' own; other keywords go to ``fn``.
+        Cancelling the awaitable kills the job on its host.
+        """
         loop = asyncio.get_running_loop()
         out: asyncio.Future = loop.create_future()
         try:
@@ -394,46 +423,68 @@ class Cluster:
         if self._slots_task is None:
             self._slots_task = asyncio.ensure_future(self.ensure_slots())
         if worker is None:
-            return asyncio.ensure_future(self._submit_later(fn, fn_bytes, args, kwargs))
-        self._send_call(worker, fn, fn_bytes, args, kwargs, out)
+            return asyncio.ensure_future(self._submit_later(fn, fn_bytes, args, kwargs, timeout, safe_results))
+        self._send_call(worker, fn, fn_bytes, args, kwargs, out, timeout, safe_results)
         return out
 
-    async def _submit_later(self, fn: Callable, fn_bytes: bytes, args: tuple, kwargs: dict) -> Result:
-        # No live worker yet (first call, or all were replaced): wait for the slots to start.
-        await self.ensure_slots()
+    async def _submit_later(self, fn: Callable, fn_bytes: bytes, args: tuple, kwargs: dict,
+                            timeout: float | None, safe_results) -> Result:
+        await self.ensure_slots()  # a slot whose worker was killed (timeout, cancel) gets a new one
         worker = least_loaded(self.live_workers())
         if worker is None:
             dead = next((s for s in self.states if s.error), None)
             return dead.failure() if dead else failure("-", "NoHosts", "no host is available")
         out = asyncio.get_running_loop().create_future()
-        self._send_call(worker, fn, fn_bytes, args, kwargs, out)
+        self._send_call(worker, fn, fn_bytes, args, kwargs, out, timeout, safe_results)
         return await out
 
-    def _send_call(self, worker: Worker, fn: Callable, fn_bytes: bytes, args: tuple, kwargs: dict, out: asyncio.Future) -> None:
+    def _send_call(self, worker: Worker, fn: Callable, fn_bytes: bytes, args: tuple, kwargs: dict,
+                   out: asyncio.Future, timeout: float | None = None, safe_results=None) -> None:
         try:
             raw = worker.send(remote.CALL, fn_bytes, (args, kwargs))
         except Exception as exc:
             out.set_result(failure(worker.host.name, "PicklingError",
                                    f"cannot pickle the arguments: {type(exc).__name__}: {exc}"))
             return
-        loads = worker.state.loads
+        state = worker.state
+        loads = self._loads(state, safe_results)
         self._emit_running(worker.host.name, 0, 1)
+        timer = None
+
+        def kill() -> None:
+            slot = state.workers.index(worker) if worker in state.workers else len(state.workers)
+            asyncio.ensure_future(self.replace_worker(state, slot, worker))
 
         def done(f: asyncio.Future) -> None:
+            if timer is not None:
+                timer.cancel()
+            exc = None if f.cancelled() else f.exception()  # retrieved even when nobody waits
             if out.done():
                 return
             if f.cancelled():
                 out.cancel()
                 return
-            if f.exception() is not None:
-                result = worker_failure(worker, worker.host.name, f.exception(), 0)
+            if exc is not None:
+                result = worker_failure(worker, worker.host.name, exc, 0)
             else:
                 raw_body, outputs = f.result()
                 result = make_results(worker, raw_body, outputs, [0], 1, loads, fn)[0]
             self._emit_done(worker.host.name, [result])
             out.set_result(result)
 
+        def expired() -> None:
+            if not raw.done() and not out.done():
+                out.set_result(timeout_failure(worker.host.name, timeout, 0))
+                kill()
+
+        def given_up(o: asyncio.Future) -> None:
+            if o.cancelled() and not raw.done():  # cancelled by the caller: kill the job
+                kill()
+
         raw.add_done_callback(done)
+        out.add_done_callback(given_up)
+        if timeout is not None:
+            timer = asyncio.get_running_loop().call_later(timeout, expired)
 
 
 async def _as_job(result: Result, index: int) -> Result:

@@ -69,6 +69,62 @@ def connect_options(host: Host) -> dict:
     return opts
 
 
+def known_hosts_path(host: Host) -> str:
+    return host.known_hosts or os.path.expanduser("~/.ssh/known_hosts")
+
+
+def known_host_entry(host: Host) -> str:
+    """The known_hosts name of a host: ``addr`` on port 22, ``[addr]:port`` otherwise."""
+    port = host.port or 22
+    return host.address if port == 22 else f"[{host.address}]:{port}"
+
+
+class _AcceptNewClient(asyncssh.SSHClient):
+    """accept-new: a key not in known_hosts is accepted only when known_hosts has nothing at
+    all for this host (first contact); a host it knows must show a key it lists."""
+
+    def __init__(self, seen: dict):
+        self.seen = seen
+
+    def validate_host_public_key(self, host, addr, port, key) -> bool:
+        if self.seen["known"]:
+            return False  # a changed key: refused, as with strict checking
+        self.seen["new_key"] = key
+        return True
+
+
+def accept_new_options(host: Host) -> tuple[dict, dict]:
+    """asyncssh options for accept-new, and what the connect saw (``new_key`` to record).
+
+    known_hosts is matched at connect time, against the name and the address really
+    reached, so an entry under either counts as known."""
+    path = known_hosts_path(host)
+    seen = {"known": False, "new_key": None}
+
+    def match(name, addr, port):
+        if not os.path.exists(path):
+            return [], [], []
+        found = asyncssh.match_known_hosts(path, name, addr, port)
+        seen["known"] = any(found)
+        return found
+
+    return {"known_hosts": match, "client_factory": lambda: _AcceptNewClient(seen)}, seen
+
+
+def record_host_key(host: Host, key: asyncssh.SSHKey) -> None:
+    """accept-new: append the key a host showed on first contact to known_hosts."""
+    path = known_hosts_path(host)
+    parent = os.path.dirname(path)
+    if parent and not os.path.isdir(parent):
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+    line = f"{known_host_entry(host)} {key.export_public_key('openssh').decode().strip()}\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "a") as f:
+        f.write(line)
+    log.warning("host key recorded on first contact (accept-new)", host=host.name,
+                fingerprint=key.get_fingerprint(), known_hosts=path)
+
+
 def describe_error(host: Host, exc: BaseException) -> ConnectError:
     """One clear sentence per way a connect fails; never includes secrets."""
     target = host.target
@@ -95,28 +151,43 @@ async def open_connection(host: Host, attempts: int = 4) -> asyncssh.SSHClientCo
     """Connect and log in; a dropped connect (MaxStartups) is retried with backoff."""
     opts = connect_options(host)
     if host.host_key_checking is False:
-        log.warning("host key checking is off", host=host.name)
+        log.warning("host key checking is off: the host's identity is not verified", host=host.name)
+    seen = None
+    if host.host_key_checking == "accept-new":
+        # First contact: take the key the host shows (trust on first use) and record it;
+        # from then on the recorded key is checked and a changed key is refused.
+        extra, seen = accept_new_options(host)
+        opts.update(extra)
+    # A dropped connect (sshd's MaxStartups during a burst) is tried again with jittered
+    # exponential backoff until connect_timeout is spent, at least ``attempts`` times.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + host.connect_timeout
     delay = 0.1
-    for attempt in range(1, attempts + 1):
+    attempt = 0
+    while True:
+        attempt += 1
         try:
-            return await asyncio.wait_for(
+            conn = await asyncio.wait_for(
                 asyncssh.connect(host.address, **opts), timeout=host.connect_timeout + 1
             )
-        except _RETRYABLE as exc:
-            if attempt == attempts:
+            if seen is not None and seen["new_key"] is not None:
+                try:
+                    record_host_key(host, seen["new_key"])
+                except OSError as exc:
+                    conn.close()
+                    raise ConnectError("HostKeyError", f"{host.target}: cannot record the host key in"
+                                       f" {known_hosts_path(host)}: {exc.strerror or exc}") from None
+            return conn
+        except (*_RETRYABLE, asyncssh.DisconnectError) as exc:
+            final = isinstance(exc, (asyncssh.PermissionDenied, asyncssh.HostKeyNotVerifiable))
+            pause = min(delay, 1.0) * (0.5 + random.random())
+            if final or (attempt >= attempts and loop.time() + pause > deadline):
                 raise describe_error(host, exc) from None
             log.debug("connect dropped, retrying", host=host.name, attempt=attempt, error=str(exc))
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay *= 2
-        except asyncssh.DisconnectError as exc:
-            # MaxStartups drops can also arrive as a disconnect before auth.
-            if attempt == attempts or isinstance(exc, (asyncssh.PermissionDenied, asyncssh.HostKeyNotVerifiable)):
-                raise describe_error(host, exc) from None
-            await asyncio.sleep(delay * (0.5 + random.random()))
+            await asyncio.sleep(pause)
             delay *= 2
         except (OSError, asyncio.TimeoutError, asyncssh.Error) as exc:
             raise describe_error(host, exc) from None
-    raise AssertionError("unreachable")
 
 
 class HostLink:
@@ -170,6 +241,18 @@ class HostLink:
 
     async def wait_closed(self) -> None:
         await asyncio.gather(*(c.wait_closed() for c, _ in self._conns), return_exceptions=True)
+
+
+# Read when the interpreter starts (PATH finds it): only these go on a remote command line,
+# which any user of the host can read (ps) and asyncssh logs; the others (tokens, proxies)
+# travel inside the protocol and the remote side puts them in its environment.
+EARLY_ENV = ("PYTHON", "LD_", "PATH")
+
+
+def split_env(env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(for the command line, for the protocol)"""
+    early = {k: v for k, v in env.items() if k.startswith(EARLY_ENV)}
+    return early, {k: v for k, v in env.items() if k not in early}
 
 
 def env_prefix(env: dict[str, str]) -> str:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 import asyncssh
 
 from . import remote
-from .connection import env_prefix, shell_word
+from .connection import env_prefix, shell_word, split_env
 from .log import get_logger
 from .result import Result, failure
 
@@ -100,8 +100,9 @@ async def remote_call(state: "HostState", request: dict, python: str | None = No
     """Run one provisioning request on a host with its ``env``; the reply, or HostProvisionError."""
     python = python or state.base_python
     env = dict(state.host.env) | dict(state.env)  # what the workers get too
-    cmd = f"exec {env_prefix(env)}{shell_word(python)} -c {_STUB_WORD}"
-    data = b"%d\n" % len(_SOURCE) + _SOURCE + json.dumps(request).encode()
+    early, late = split_env(env)  # secrets stay off the command line
+    cmd = f"exec {env_prefix(early)}{shell_word(python)} -c {_STUB_WORD}"
+    data = b"%d\n" % len(_SOURCE) + _SOURCE + json.dumps(dict(request, env=late)).encode()
     try:
         proc = await state.link.run(cmd, input=data)
     except (asyncssh.Error, OSError) as exc:

@@ -29,8 +29,8 @@ HEADER = struct.Struct("!BIQ")
 CONFIG = 1  # JSON: {"cloudpickle": version, "workdir": path, "env": {...}}
 MODULES = 2  # pickled {relative path: source} of cloudpickle
 FUNC = 3  # job id = function id; payload: cloudpickled callable
-CALL = 4  # pickled (fid, args, kwargs): one result
-MAP = 5  # pickled (fid, items): one result per item
+CALL = 4  # FID + pickled (args, kwargs): one result
+MAP = 5  # FID + pickled (items,): one result per item
 SHUTDOWN = 6
 # worker -> controller
 HELLO = 10  # JSON facts about the host and worker
@@ -39,9 +39,12 @@ OUTPUT = 12  # payload: OUTPUT_HEAD (stream 1 stdout / 2 stderr, item) + utf-8 t
 FATAL = 13  # JSON: the worker cannot go on
 
 META_LEN = struct.Struct("!I")
+FID = struct.Struct("!I")  # the function id that starts a CALL or MAP payload (the rest is
+# pickled on its own, so the controller pickles an argument once for every host)
 OUTPUT_HEAD = struct.Struct("!BI")  # stream, index of the item within a MAP job
 STDOUT, STDERR = 1, 2
 OUTPUT_FLUSH = 64 * 1024  # stream job output in frames of about this size
+FLUSH_AFTER = 0.05  # seconds a finished result may wait in the buffer for company
 
 # The command-line bootstrap: a length line, then that many bytes of this module's source.
 # It reads fd 0 unbuffered so that no byte meant for the worker is read ahead and lost.
@@ -209,6 +212,7 @@ class Worker:
         for key in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ.setdefault(key, threads)
         workdir = os.path.expanduser(config.get("workdir") or "~/.cache/sshjobs")
+        _private_dir(workdir)
         want = config.get("cloudpickle")
         have = self._import_cloudpickle(workdir, want)
         hello = {
@@ -256,10 +260,12 @@ class Worker:
         try:
             os.makedirs(os.path.dirname(lib), mode=0o700, exist_ok=True)
             tmp = "%s.tmp-%d" % (lib, os.getpid())
+            os.mkdir(tmp, 0o700)  # makedirs would give the parents it creates the umask's mode
             for rel, source in sources.items():
                 path = os.path.join(tmp, rel)
                 os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-                with open(path, "w", encoding="utf-8") as f:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
                     f.write(source)
             try:
                 os.rename(tmp, lib)
@@ -281,6 +287,7 @@ class Worker:
         sys.stdout, sys.stderr = out, err
         funcs = self.funcs
         jobs = self.jobs
+        last_flush = time.monotonic()
         while True:
             frame = jobs.get()
             if frame is None:
@@ -303,13 +310,23 @@ class Worker:
                 results = self.map(funcs, payload, out, err)
             else:
                 continue
-            self.send_result(job_id, results, flush=jobs.empty())
+            # Batch replies while more jobs wait, but never hold a finished result back for
+            # long: a worker that dies later would take it along.
+            now = time.monotonic()
+            flush = jobs.empty() or now - last_flush > FLUSH_AFTER
+            self.send_result(job_id, results, flush=flush)
+            if flush:
+                last_flush = now
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+
+    def unpack_job(self, payload):
+        (fid,) = FID.unpack_from(payload, 0)
+        return (fid,) + tuple(self.loads(memoryview(payload)[FID.size:]))
 
     def call(self, funcs, payload, out, err):
         start = time.perf_counter()
         try:
-            fid, args, kwargs = self.loads(payload)
+            fid, args, kwargs = self.unpack_job(payload)
             fn = funcs[fid]
             value = fn(*args, **kwargs)
             ok = True
@@ -320,7 +337,7 @@ class Worker:
 
     def map(self, funcs, payload, out, err):
         try:
-            fid, items = self.loads(payload)
+            fid, items = self.unpack_job(payload)
             fn = funcs[fid]
         except BaseException as exc:
             return [(False, error_info(exc), "", "", 0.0)]
@@ -402,6 +419,17 @@ def _load_from_sources(sources):
     return cloudpickle
 
 
+def _private_dir(path):
+    """Create the workdir (parents as needed) and keep it mode 0700: everything sshjobs
+    puts on a host lives below it, out of other users' reach."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        if os.stat(path).st_mode & 0o777 != 0o700:
+            os.chmod(path, 0o700)
+    except OSError:
+        pass  # a read-only home: nothing is written (cloudpickle is loaded from memory)
+
+
 def _rmtree(path):
     import shutil
 
@@ -449,23 +477,27 @@ def _group_members(pgrp):
 
 
 def _die(code=0):
-    """Exit now, taking the job's children along when this worker leads its group."""
+    """Exit now, taking the job's children along when this worker leads its group.
+
+    Called from the reader thread too (end of input while a job runs), so no signal
+    handlers here (main thread only): the others in the group are signalled one by one."""
     try:
         pgrp = os.getpgrp()
         if pgrp == os.getpid():
-            others = _group_members(pgrp)
-            if others is None or others:
-                signal.signal(signal.SIGTERM, signal.SIG_IGN)
-                os.killpg(pgrp, signal.SIGTERM)
-                deadline = time.time() + 0.5
-                while time.time() < deadline and (others is None or _group_members(pgrp)):
+            for sig, grace in ((signal.SIGTERM, 0.5), (signal.SIGKILL, 0.5)):
+                others = _group_members(pgrp)
+                if others is None:  # no /proc: the whole group, this process included
+                    os.killpg(pgrp, signal.SIGKILL)
+                if not others:
+                    break
+                for pid in others:
+                    try:
+                        os.kill(pid, sig)
+                    except OSError:
+                        pass
+                deadline = time.time() + grace
+                while time.time() < deadline and _group_members(pgrp):
                     time.sleep(0.02)
-                if others is None or _group_members(pgrp):
-                    for pid in _group_members(pgrp) or []:
-                        try:
-                            os.kill(pid, signal.SIGKILL)
-                        except OSError:
-                            pass
     finally:
         os._exit(code)
 
@@ -830,7 +862,9 @@ def provision():
             break
         chunks.append(chunk)
     try:
-        reply = provision_request(json.loads(b"".join(chunks).decode("utf-8")))
+        request = json.loads(b"".join(chunks).decode("utf-8"))
+        os.environ.update(request.pop("env", None) or {})  # the inventory's env (off the command line)
+        reply = provision_request(request)
     except ProvisionFailure as exc:
         reply = {"ok": False, "kind": exc.kind, "error": exc.message}
     except BaseException as exc:

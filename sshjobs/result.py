@@ -21,6 +21,23 @@ class RemoteError(Exception):
         return (RemoteError, (self.type, self.message, self.traceback, self.host))
 
 
+class Timeout(RemoteError):
+    """A job ran out of its ``timeout``; its process on the host was killed."""
+
+    def __init__(self, type: str = "Timeout", message: str = "", traceback: str = "", host: str | None = None):
+        super().__init__(type, message, traceback, host)
+
+    def __reduce__(self):
+        return (Timeout, (self.type, self.message, self.traceback, self.host))
+
+
+_ERROR_CLASSES = {"Timeout": Timeout}
+
+
+def make_error(type: str, message: str, traceback: str = "", host: str | None = None) -> RemoteError:
+    return _ERROR_CLASSES.get(type, RemoteError)(type, message, traceback, host)
+
+
 @dataclass
 class Result:
     """The outcome of one job on one host."""
@@ -49,4 +66,4 @@ class Result:
 
 
 def failure(host: str, type: str, message: str, traceback: str = "", **kw: Any) -> Result:
-    return Result(host=host, ok=False, error=RemoteError(type, message, traceback, host), **kw)
+    return Result(host=host, ok=False, error=make_error(type, message, traceback, host), **kw)

@@ -149,6 +149,11 @@ def make_results(worker: Worker, raw, outputs, indices: Sequence[int], attempts:
     return results
 
 
+def timeout_failure(host: str, timeout: float | None, index: int, attempts: int = 1) -> Result:
+    return failure(host, "Timeout", f"the job did not finish within {timeout:g}s; its process on the host"
+                   " was killed", job=index, attempts=attempts)
+
+
 def worker_failure(worker: Worker | None, host: str, exc: BaseException, index: int, attempts: int = 1) -> Result:
     if isinstance(exc, WorkerError):
         return failure(host, exc.kind, exc.message, job=index, attempts=attempts)
@@ -168,9 +173,11 @@ class MapRun:
     """One ``map``: a queue of index ranges, one pump per worker, results by index."""
 
     def __init__(self, cluster, fn: Callable, fn_bytes: bytes, items: list, *, chunksize: int | None,
-                 timeout: float | None, retries: int, exclude: set | None = None):
+                 timeout: float | None, retries: int, exclude: set | None = None,
+                 loads: Callable | None = None):
         self.cluster = cluster
         self.exclude = exclude or set()  # host indices that take no items (their install failed)
+        self.loads = loads or (lambda state: state.loads)  # HostState -> the results' unpickler
         self.fn = fn
         self.fn_bytes = fn_bytes
         self.items = items
@@ -178,7 +185,9 @@ class MapRun:
         self.timeout = timeout
         self.retries = retries
         self.chunksize = chunksize
-        self.queue: deque[tuple[int, int, int]] = deque()  # (start, end, attempt)
+        # (start, end, attempt, alone); "alone" jobs are suspects of killing a worker: each
+        # runs with nothing else in flight on its worker, so a death points at its culprit.
+        self.queue: deque[tuple[int, int, int, bool]] = deque()
         self.last_host = "-"
         self.last_error: Result | None = None
         self.wake = asyncio.Event()
@@ -193,7 +202,7 @@ class MapRun:
         workers = [w for w in self.cluster.live_workers() if w.state is None or w.state.index not in self.exclude]
         size = self.chunksize or (1 if self.timeout else chunk_size(n, max(1, len(workers))))
         for start in range(0, n, size):
-            self.queue.append((start, min(n, start + size), 1))
+            self.queue.append((start, min(n, start + size), 1, False))
         # Few jobs: one pump must not take several while other slots stay idle.
         slots = [(state, slot) for state, slot in self.cluster.slots() if state.index not in self.exclude]
         self.depth = max(1, min(self.depth, -(-len(self.queue) // max(1, len(slots)))))
@@ -218,18 +227,34 @@ class MapRun:
                     self.results[i] = failure(self.last_host, "NoHosts", "no host could run this job", job=i)
 
     async def pump(self, state, slot: int) -> None:
-        inflight: dict[asyncio.Future, tuple[int, int, int, Worker]] = {}
+        inflight: dict[asyncio.Future, tuple[int, int, int, Worker, bool]] = {}
+        try:
+            await self._pump(state, slot, inflight)
+        except asyncio.CancelledError:
+            # The map was cancelled: kill the jobs still running, none may go on unseen.
+            for fut, (_, _, _, w, _) in inflight.items():
+                if not fut.done():
+                    fut.cancel()
+                    self.cluster.discard_worker(state, slot, w)
+            raise
+
+    async def _pump(self, state, slot: int, inflight: dict) -> None:
+        loads = self.loads(state)
         while True:
             worker = await self.cluster.worker_for(state, slot)
             if worker is None:  # the host is gone; others take the work
                 break
             while self.queue and len(inflight) < self.depth and worker.alive:
-                start, end, attempt = self.queue.popleft()
+                if inflight and (self.queue[0][3] or any(job[4] for job in inflight.values())):
+                    break
+                start, end, attempt, alone = self.queue.popleft()
                 fut = self.send(worker, start, end, attempt)
                 if fut is not None:
-                    inflight[fut] = (start, end, attempt, worker)
+                    inflight[fut] = (start, end, attempt, worker, alone)
                     self.outstanding += 1
                     self.cluster._emit_running(state.name, start, end - start)
+                    if alone:
+                        break
             if not inflight:
                 if not self.queue and self.outstanding == 0:
                     break
@@ -240,11 +265,9 @@ class MapRun:
             done, _ = await asyncio.wait(inflight, timeout=self.timeout,
                                          return_when=asyncio.FIRST_COMPLETED)
             if not done:  # timed out: the job (one item) fails and the worker is replaced
-                for fut, (start, end, attempt, w) in inflight.items():
+                for fut, (start, end, attempt, w, _) in inflight.items():
                     for i in range(start, end):
-                        self.results[i] = failure(w.host.name, "Timeout",
-                                                  f"the job did not finish within {self.timeout:g}s",
-                                                  job=i, attempts=attempt)
+                        self.results[i] = timeout_failure(w.host.name, self.timeout, i, attempt)
                     self.outstanding -= 1
                     fut.cancel()
                     self.cluster._emit_done(state.name, self.results[start:end])
@@ -253,26 +276,31 @@ class MapRun:
                 self.wake.set()
                 continue
             for fut in done:
-                start, end, attempt, w = inflight.pop(fut)
+                start, end, attempt, w, alone = inflight.pop(fut)
                 self.outstanding -= 1
                 exc = fut.exception()
                 if exc is None:
                     raw, outputs = fut.result()
-                    got = make_results(w, raw, outputs, range(start, end), attempt, state.loads, self.fn)
+                    got = make_results(w, raw, outputs, range(start, end), attempt, loads, self.fn)
                     for r in got:
                         self.results[r.job] = r
                     self.cluster._emit_done(state.name, got)
+                elif not alone and isinstance(exc, WorkerError) and exc.kind == "WorkerLost":
+                    # The worker died under this job or one beside it: run its items again one
+                    # by one, each alone on its worker (same attempt), so only the item that
+                    # kills a worker fails and the others still run.
+                    self.queue.extend((i, i + 1, attempt, True) for i in range(start, end))
                 elif attempt <= self.retries:
-                    self.queue.append((start, end, attempt + 1))
+                    self.queue.append((start, end, attempt + 1, alone))
                 else:
                     for i in range(start, end):
                         self.results[i] = self.last_error = worker_failure(w, w.host.name, exc, i, attempt)
                     self.cluster._emit_done(state.name, self.results[start:end])
             self.wake.set()
         # A pump that stops hands its unfinished work back.
-        for fut, (start, end, attempt, w) in inflight.items():
+        for fut, (start, end, attempt, w, alone) in inflight.items():
             self.outstanding -= 1
-            self.queue.append((start, end, attempt))
+            self.queue.append((start, end, attempt, alone))
         self.wake.set()
 
     def send(self, worker: Worker, start: int, end: int, attempt: int):
@@ -291,7 +319,7 @@ class MapRun:
                 self.results[i] = failure(worker.host.name, "PicklingError",
                                           f"cannot pickle item {i}: {type(exc).__name__}: {exc}", job=i)
         for i in good:
-            self.queue.append((i, i + 1, attempt))
+            self.queue.append((i, i + 1, attempt, False))
         return None
 
 

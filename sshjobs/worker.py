@@ -7,15 +7,16 @@ import json
 import pickle
 import shlex
 import sys
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from pathlib import Path
 
 import asyncssh
 import cloudpickle
 
 from . import remote
-from .connection import HostLink, env_prefix, shell_word
+from .connection import HostLink, env_prefix, shell_word, split_env
 from .log import get_logger
+from .safe import RefusedType
 
 log = get_logger("sshjobs.worker")
 
@@ -24,6 +25,7 @@ _STUB_WORD = shlex.quote(remote.STUB)
 _FUNC_CACHE = 1024  # functions a worker keeps; older ones are forgotten
 STDERR_TAIL = 64 * 1024
 MAX_OUTPUT = 16 * 1024 * 1024  # characters of a job's stdout (and of its stderr) kept
+_WRITE_PIECE = 256 * 1024  # bytes handed to the channel at a time
 
 
 class OutputTail:
@@ -96,6 +98,7 @@ class _Session(asyncssh.SSHClientSession):
 
     def resume_writing(self):
         self.worker._writable.set()
+        self.worker._pump_out()
 
     def connection_lost(self, exc):
         self.worker._lost(exc)
@@ -130,13 +133,15 @@ class Worker:
         self._hello: asyncio.Future | None = None
         self._writable = asyncio.Event()
         self._writable.set()
+        self._outq: deque = deque()  # frame pieces not yet handed to the channel
         self._chan = None
         self._release = None
         self._closed = asyncio.Event()
 
     # -- lifecycle -------------------------------------------------------------
     def command(self) -> str:
-        return f"exec {env_prefix(self.env)}{shell_word(self.python)} -c {_STUB_WORD}"
+        early, _ = split_env(self.env)  # the rest travels in the CONFIG frame
+        return f"exec {env_prefix(early)}{shell_word(self.python)} -c {_STUB_WORD}"
 
     async def start(self, timeout: float = 60.0) -> "Worker":
         conn, self._release = await self.link.acquire()
@@ -146,14 +151,21 @@ class Worker:
             self._chan, _ = await conn.create_session(lambda: _Session(self), self.command(), encoding=None)
         except asyncssh.ChannelOpenError as exc:
             self._release()
+            if conn.is_closed():
+                raise WorkerError("HostLost", f"{self.host.target}: connection lost: {exc.reason}") from None
             raise WorkerError("WorkerStartError", f"{self.host.target}: cannot open a channel: {exc.reason}") from None
         except (asyncssh.Error, OSError) as exc:
             self._release()
             raise WorkerError("HostLost", f"{self.host.target}: connection lost while starting a worker: {exc}") from None
         self.alive = True
-        config = {"cloudpickle": cloudpickle.__version__, "workdir": self.host.workdir, "slots": self.slots}
-        self._chan.write(b"%d\n" % len(_REMOTE_SOURCE) + _REMOTE_SOURCE
-                         + remote.pack(remote.CONFIG, 0, json.dumps(config).encode()))
+        _, late = split_env(self.env)
+        config = {"cloudpickle": cloudpickle.__version__, "workdir": self.host.workdir, "slots": self.slots,
+                  "env": late}
+        try:
+            self._chan.write(b"%d\n" % len(_REMOTE_SOURCE) + _REMOTE_SOURCE
+                             + remote.pack(remote.CONFIG, 0, json.dumps(config).encode()))
+        except (BrokenPipeError, asyncssh.Error, OSError):
+            pass  # it ended already (no such python, say): _lost() tells the hello why
         try:
             self.hello = await asyncio.wait_for(asyncio.shield(self._hello), timeout)
         except asyncio.TimeoutError:
@@ -170,11 +182,15 @@ class Worker:
             )
         if self.hello.get("cloudpickle") != cloudpickle.__version__:
             log.debug("shipping cloudpickle", host=self.host.name, have=self.hello.get("cloudpickle"))
-            self._chan.write(remote.pack(remote.MODULES, 0, pickle.dumps(_cloudpickle_sources())))
+            try:
+                self._chan.write(remote.pack(remote.MODULES, 0, pickle.dumps(_cloudpickle_sources())))
+            except (BrokenPipeError, asyncssh.Error, OSError):
+                raise self._lost_error() from None
         return self
 
     def close(self) -> None:
         """End of input: the worker exits (and ends its job, if any)."""
+        self._outq.clear()  # what was not sent yet is not wanted any more
         if self._chan is not None and self.alive:
             try:
                 self._chan.write_eof()
@@ -209,29 +225,49 @@ class Worker:
             self._write(remote.FUNC, old, b"")
         return fid
 
-    def send(self, kind: int, fn_bytes: bytes, body: tuple, size: int = 1) -> asyncio.Future:
-        """Send a CALL ((args, kwargs) body) or MAP ((items,) body); a future of raw results."""
+    def send(self, kind: int, fn_bytes: bytes, body: tuple | bytes, size: int = 1) -> asyncio.Future:
+        """Send a CALL ((args, kwargs) body) or MAP ((items,) body); a future of raw results.
+
+        ``body`` may come pickled already (``dumps(body)``): gather pickles its arguments
+        once and every host's frame shares those bytes."""
         fut = asyncio.get_running_loop().create_future()
         if not self.alive:
             fut.set_exception(self._lost_error())
             return fut
+        blob = body if isinstance(body, (bytes, bytearray)) else dumps(body)
         fid = self._ensure_func(fn_bytes)
-        payload = dumps((fid, *body))
         self._next_id = (self._next_id + 1) & 0xFFFFFFFF
         job_id = self._next_id
         self.pending[job_id] = fut
         self.in_flight += size
         fut.size = size  # type: ignore[attr-defined]
-        self._write(kind, job_id, payload)
+        self._write(kind, job_id, remote.FID.pack(fid), blob)
         return fut
 
     async def drain(self) -> None:
         await self._writable.wait()
 
-    def _write(self, kind: int, job_id: int, payload: bytes) -> None:
-        self._chan.write(remote.HEADER.pack(kind, job_id, len(payload)))
-        if payload:
-            self._chan.write(payload)
+    def _write(self, kind: int, job_id: int, *parts: bytes) -> None:
+        """Queue a frame.  Big payloads are fed to the channel piece by piece as it drains
+        (asyncssh copies whatever it is given into its send buffer), so a 200 MB argument
+        sent to ten hosts is held once, not eleven times."""
+        self._outq.append(remote.HEADER.pack(kind, job_id, sum(len(p) for p in parts)))
+        self._outq.extend(memoryview(p) for p in parts if p)
+        self._pump_out()
+
+    def _pump_out(self) -> None:
+        q = self._outq
+        try:
+            while q and self._writable.is_set() and self._chan is not None and self.alive:
+                head = q[0]
+                if len(head) <= _WRITE_PIECE:
+                    q.popleft()
+                    self._chan.write(head)
+                else:
+                    self._chan.write(head[:_WRITE_PIECE])
+                    q[0] = head[_WRITE_PIECE:]
+        except (BrokenPipeError, asyncssh.Error, OSError):
+            q.clear()  # the channel is going away: _lost() fails the pending jobs
 
     # -- incoming ---------------------------------------------------------------
     def _feed(self, data: bytes) -> None:
@@ -342,6 +378,7 @@ class Worker:
             if not fut.done():
                 fut.set_exception(err)
         self.in_flight = 0
+        self._outq.clear()
         self._writable.set()
         self._closed.set()
 
@@ -368,13 +405,16 @@ def dumps(obj: tuple) -> bytes:
 
 
 def decode_results(body, safe_loads=None) -> list[tuple]:
-    """RESULT payload -> [(ok, value or (type, message, traceback), stdout, stderr, duration)]."""
+    """RESULT payload -> [(ok, value or (type, message, traceback), stdout, stderr, duration)].
+
+    With ``safe_loads`` (safe_results) every part the host sent goes through it, the
+    bookkeeping and error tuples included, not only the values."""
     view = memoryview(body)
     (mlen,) = remote.META_LEN.unpack_from(view, 0)
     pos = remote.META_LEN.size
-    meta = pickle.loads(view[pos:pos + mlen])
-    pos += mlen
     loads = safe_loads or pickle.loads
+    meta = loads(view[pos:pos + mlen])
+    pos += mlen
     out = []
     for ok, so, se, took, size in meta:
         blob = view[pos:pos + size]
@@ -382,12 +422,14 @@ def decode_results(body, safe_loads=None) -> list[tuple]:
         if ok:
             try:
                 value = loads(blob)
+            except RefusedType as exc:
+                ok = False
+                value = ("UnsafeResult", str(exc), "")
             except Exception as exc:
                 ok = False
                 value = ("UnpicklableResult",
                          f"the job's return value could not be unpickled on the controller: {type(exc).__name__}: {exc}", "")
         else:
-            value = pickle.loads(blob)
+            value = loads(blob)
         out.append((ok, value, so, se, took))
     return out
-

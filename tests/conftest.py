@@ -56,6 +56,58 @@ def root():
 
 
 
+# -- the fault suite's ledger -------------------------------------------------------
+class FaultLedger:
+    """Counts real injected faults, the ones the system survived (every check after the
+    fault passed) and results lost (a job that should have succeeded but did not)."""
+
+    def __init__(self):
+        self.injected = 0
+        self.survived = 0
+        self.lost = 0
+        self.used = False
+
+    class _Fault:
+        def __init__(self, ledger, what):
+            self.ledger = ledger
+            self.what = what
+
+        def __enter__(self):
+            self.ledger.injected += 1
+            return self
+
+        def __exit__(self, etype, exc, tb):
+            if etype is None:
+                self.ledger.survived += 1
+            return False
+
+    def inject(self, what: str) -> "FaultLedger._Fault":
+        """``with faults.inject("kill the worker"):`` inject it and check inside the block;
+        the fault counts as survived when the block ends without an error."""
+        self.used = True
+        return self._Fault(self, what)
+
+    def expect(self, results, expected: dict) -> None:
+        """Results that must have arrived intact despite the fault: index -> value."""
+        lost = [i for i, value in expected.items() if not (results[i].ok and results[i].value == value)]
+        self.lost += len(lost)
+        assert not lost, [(i, results[i]) for i in lost[:5]]
+
+
+_LEDGER = FaultLedger()
+
+
+@pytest.fixture(scope="session")
+def faults() -> FaultLedger:
+    return _LEDGER
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _LEDGER.used:
+        terminalreporter.write_line(
+            f"faults: {_LEDGER.injected} injected, {_LEDGER.survived} survived, {_LEDGER.lost} results lost")
+
+
 # -- The Docker backend: docker/compose.yml through pytest-docker --------------------------
 # One compose project and network per lab subnet, so that parallel checkouts do not collide
 # (and none touches `make docker-up`'s project "sshjobs").

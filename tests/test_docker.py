@@ -168,7 +168,7 @@ def slow_square(x):
 
 
 @pytest.mark.docker
-def test_docker_kill_during_a_map_with_retries_loses_nothing(docker_lab):
+def test_docker_kill_during_a_map_with_retries_loses_nothing(docker_lab, faults):
     inv = Inventory.load(docker_lab.inventory_path)
     victim = "node03"
 
@@ -182,23 +182,25 @@ def test_docker_kill_during_a_map_with_retries_loses_nothing(docker_lab):
             results = await run
             return results, time.monotonic() - t0, [s.error for s in cluster.states]
 
-    try:
-        results, after_kill, errors = asyncio.run(go())
-    finally:
-        docker_lab.start(victim)
-    assert len(results) == 300
-    assert all(r.ok for r in results), next(r.error for r in results if not r.ok)
-    assert [r.value for r in results] == [x * x for x in range(300)]
-    retried = [r for r in results if r.attempts > 1]
-    assert retried, "the killed node's jobs in flight should have been retried elsewhere"
-    assert all(r.host != victim for r in retried)
-    # the killed node is given up for this session (its connection closed)
-    assert errors[2] is not None and ("closed" in errors[2][1] or "lost" in errors[2][1]), errors
-    assert after_kill < 30, after_kill
+    with faults.inject("docker kill a node during a map (retries)"):
+        try:
+            results, after_kill, errors = asyncio.run(go())
+        finally:
+            docker_lab.start(victim)
+        assert len(results) == 300
+        faults.expect(results, {x: x * x for x in range(300)})
+        assert all(r.ok for r in results), next(r.error for r in results if not r.ok)
+        assert [r.value for r in results] == [x * x for x in range(300)]
+        retried = [r for r in results if r.attempts > 1]
+        assert retried, "the killed node's jobs in flight should have been retried elsewhere"
+        assert all(r.host != victim for r in retried)
+        # the killed node is given up for this session (its connection closed)
+        assert errors[2] is not None and ("closed" in errors[2][1] or "lost" in errors[2][1]), errors
+        assert after_kill < 30, after_kill
 
 
 @pytest.mark.docker
-def test_docker_pause_makes_timeouts_fire_instead_of_hanging(docker_lab):
+def test_docker_pause_makes_timeouts_fire_instead_of_hanging(docker_lab, faults):
     inv = Inventory.load(docker_lab.inventory_path)
     victim, index = "node04", 3
 
@@ -217,29 +219,31 @@ def test_docker_pause_makes_timeouts_fire_instead_of_hanging(docker_lab):
             t0 = time.monotonic()
             return await run, time.monotonic() - t0
 
-    try:
-        gathered, gather_time = asyncio.run(asyncio.wait_for(frozen_gather(), 120))
-    finally:
-        docker_lab.unpause(victim)
-    assert gathered[index].error.type == "Timeout", gathered[index].error
-    assert [r.value for i, r in enumerate(gathered) if i != index] == ["answer"] * 9
-    assert gather_time < 3 + 5, gather_time
+    with faults.inject("docker pause a node (gather and map timeouts)"):
+        try:
+            gathered, gather_time = asyncio.run(asyncio.wait_for(frozen_gather(), 120))
+        finally:
+            docker_lab.unpause(victim)
+        assert gathered[index].error.type == "Timeout", gathered[index].error
+        assert [r.value for i, r in enumerate(gathered) if i != index] == ["answer"] * 9
+        assert gather_time < 3 + 5, gather_time
+        faults.expect(gathered, {i: "answer" for i in range(10) if i != index})
 
-    try:
-        mapped, map_time = asyncio.run(asyncio.wait_for(frozen_mid_map(), 120))
-    finally:
-        docker_lab.unpause(victim)
-    failed = [r for r in mapped if not r.ok]
-    # the job in flight on the frozen node times out; every other item is computed
-    assert failed and all(r.host == victim and r.error.type == "Timeout" for r in failed), \
-        [(r.host, r.error) for r in failed]
-    assert all(r.value == r.job ** 2 for r in mapped if r.ok)
-    assert len(failed) <= 2
-    assert map_time < 30, map_time
+        try:
+            mapped, map_time = asyncio.run(asyncio.wait_for(frozen_mid_map(), 120))
+        finally:
+            docker_lab.unpause(victim)
+        failed = [r for r in mapped if not r.ok]
+        # the job in flight on the frozen node times out; every other item is computed
+        assert failed and all(r.host == victim and r.error.type == "Timeout" for r in failed), \
+            [(r.host, r.error) for r in failed]
+        assert all(r.value == r.job ** 2 for r in mapped if r.ok)
+        assert len(failed) <= 2
+        assert map_time < 30, map_time
 
 
 @pytest.mark.docker
-def test_docker_network_disconnect_is_detected_as_a_lost_host(docker_lab):
+def test_docker_network_disconnect_is_detected_as_a_lost_host(docker_lab, faults):
     base = Inventory.load(docker_lab.inventory_path)
     # keepalive every second: 3 unanswered = the host is lost
     inv = Inventory([Host(**{**h.__dict__, "keepalive_interval": 1.0}) for h in base.hosts])
@@ -253,16 +257,18 @@ def test_docker_network_disconnect_is_detected_as_a_lost_host(docker_lab):
             gathered = await cluster.gather(lambda: "still here")
             return gathered, time.monotonic() - t0
 
-    try:
-        gathered, elapsed = asyncio.run(asyncio.wait_for(go(), 120))
-    finally:
-        docker_lab.connect(victim)
-        docker_lab.wait_banner([victim], timeout=30)
-    assert gathered[4].error.type == "HostLost", gathered[4].error
-    assert [r.value for i, r in enumerate(gathered) if i != 4] == ["still here"] * 9
-    assert elapsed < 20, elapsed
-    # the node is back: a new session reaches all ten
-    assert [r.value for r in base.gather(lambda: 2)] == [2] * 10
+    with faults.inject("docker network disconnect a node"):
+        try:
+            gathered, elapsed = asyncio.run(asyncio.wait_for(go(), 120))
+        finally:
+            docker_lab.connect(victim)
+            docker_lab.wait_banner([victim], timeout=30)
+        assert gathered[4].error.type == "HostLost", gathered[4].error
+        assert [r.value for i, r in enumerate(gathered) if i != 4] == ["still here"] * 9
+        assert elapsed < 20, elapsed
+        faults.expect(gathered, {i: "still here" for i in range(10) if i != 4})
+        # the node is back: a new session reaches all ten
+        assert [r.value for r in base.gather(lambda: 2)] == [2] * 10
 
 
 @pytest.mark.docker

@@ -79,8 +79,8 @@ def test_hello_describes_the_host(worker):
 def test_call_and_map_and_output_over_a_pipe(worker, tmp_path):
     k = 10
     send(worker, remote.FUNC, 1, cloudpickle.dumps(lambda x: print("item", x) or x + k))
-    send(worker, remote.CALL, 5, pickle.dumps((1, (1,), {})))
-    send(worker, remote.MAP, 6, pickle.dumps((1, [1, 2, "x"])))
+    send(worker, remote.CALL, 5, remote.FID.pack(1) + pickle.dumps(((1,), {})))
+    send(worker, remote.MAP, 6, remote.FID.pack(1) + pickle.dumps(([1, 2, "x"],)))
     kind, job, body = remote.read_frame(worker.stdout)
     assert (kind, job) == (remote.RESULT, 5)
     [(ok, value, out, err, took)] = decode_results(body)
@@ -101,8 +101,8 @@ def test_worker_exits_at_end_of_input(worker):
 
 def test_job_reading_stdin_cannot_eat_frames(worker):
     send(worker, remote.FUNC, 1, cloudpickle.dumps(lambda: __import__("sys").stdin.read()))
-    send(worker, remote.CALL, 1, pickle.dumps((1, (), {})))
-    send(worker, remote.CALL, 2, pickle.dumps((1, (), {})))
+    send(worker, remote.CALL, 1, remote.FID.pack(1) + pickle.dumps(((), {})))
+    send(worker, remote.CALL, 2, remote.FID.pack(1) + pickle.dumps(((), {})))
     for job in (1, 2):
         kind, got, body = remote.read_frame(worker.stdout)
         assert (kind, got) == (remote.RESULT, job)
