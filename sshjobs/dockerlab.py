@@ -255,6 +255,9 @@ class DockerLab:
         if images:
             for image in (NODE_IMAGE, BASE_IMAGE):
                 _run(["docker", "image", "rm", image], check=False)
+            # older node builds left untagged by a rebuild carry the project label too
+            _run(["docker", "image", "prune", "-f", "--filter", f"label=com.docker.compose.project={PROJECT}"],
+                 check=False)
 
 
 def banner(address: str, port: int = 22, timeout: float = 1.0) -> bool:
