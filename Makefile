@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 LAB_DIR ?= .lab
 LAB_HOSTS ?= 10
 
-.PHONY: venv system-deps test bench demo lab-up lab-down clean
+.PHONY: venv system-deps test bench demo lab-up lab-down clean docker-base docker-up docker-demo docker-down
 
 # openssh-server for the local lab (root on Debian; otherwise say what is missing)
 system-deps:
@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-test: system-deps venv
+test: system-deps venv docker-base
 	$(PY) -m pytest -q
 
 # The benchmarks (bench/README.md): a 100-host lab on 127.0.$${SSHJOBS_LAB_SUBNET:-9}.x, ~5 min.
@@ -39,6 +39,29 @@ lab-up: system-deps venv
 
 lab-down:
 	$(VENV)/bin/sshjobs lab down --dir $(LAB_DIR)
+
+# -- The 10-container cluster (docker/): compose project "sshjobs", network 172.31.66.0/24 --
+DOCKER_OK = docker info >/dev/null 2>&1
+
+# The node base image: the registry's debian:bookworm-slim, else debootstrap; cached by tag.
+# Without an engine it says so and goes on (the Docker tests are then skipped).
+docker-base:
+	@if $(DOCKER_OK); then ./docker/build-base.sh; \
+	else echo "docker-base: no Docker engine answers (docker info): Docker tests will be skipped"; fi
+
+docker-up: venv
+	@$(DOCKER_OK) || { echo "no Docker engine answers (docker info)"; exit 1; }
+	$(PY) -m sshjobs.dockerlab up --dir .docker --out inventory/docker.toml
+
+# The seed demo on the containers; it says whether numpy came online or as shipped wheels.
+docker-demo: docker-up
+	$(PY) examples/demo.py -i inventory/docker.toml
+
+# Removes only this project's containers, network and images (sshjobs/node, sshjobs/base).
+docker-down:
+	@if [ -x $(PY) ]; then $(PY) -m sshjobs.dockerlab down --images; \
+	else docker-compose -f docker/compose.yml -p sshjobs down -v --remove-orphans; \
+	  docker image rm sshjobs/node:latest sshjobs/base:bookworm 2>/dev/null || true; fi
 
 clean: lab-down
 	rm -rf $(VENV) $(LAB_DIR) *.egg-info

@@ -3,6 +3,7 @@
     python examples/demo.py                  # starts a 10-host lab, runs, stops the lab
     python examples/demo.py --keep-lab       # ... and leaves the lab running
     python examples/demo.py -i hosts.toml    # on your own hosts (or a lab from `make lab-up`)
+    python examples/demo.py -i inventory/docker.toml   # on the 10 containers (`make docker-demo`)
 
 `make demo` runs the first form. A lab already running in --dir (from `make lab-up`) is
 used as it is and left running.
@@ -27,6 +28,14 @@ from sshjobs.log import configure  # noqa: E402
 
 async def demo(inv: Inventory, offline: bool | None) -> int:
     n = len(inv)
+    offline_hosts = [h.name for h in inv if (h.offline if offline is None else offline)]
+    if not offline_hosts:
+        mode = "online (the hosts install from the package index)"
+    elif len(offline_hosts) == n:
+        mode = "offline (numpy's wheels are shipped from this machine)"
+    else:
+        mode = f"offline on {', '.join(offline_hosts)} (wheels shipped from this machine), online elsewhere"
+    print(f"Install mode: {mode}")
     print(f"Waiting for {n} workers...", flush=True)
     async with Cluster(inv) as cluster:
         ready = [s for s in cluster.hosts if s.usable]

@@ -106,3 +106,92 @@ def pytest_terminal_summary(terminalreporter):
     if _LEDGER.used:
         terminalreporter.write_line(
             f"faults: {_LEDGER.injected} injected, {_LEDGER.survived} survived, {_LEDGER.lost} results lost")
+
+
+# -- The Docker backend: docker/compose.yml through pytest-docker --------------------------
+# One compose project and network per lab subnet, so that parallel checkouts do not collide
+# (and none touches `make docker-up`'s project "sshjobs").
+DOCKER_PROJECT = f"sshjobstest{LAB_SUBNET}"
+DOCKER_NET = f"172.31.{100 + LAB_SUBNET}"
+
+
+@pytest.fixture(scope="session")
+def docker_engine():
+    """Skip (not error) every Docker test when no engine answers."""
+    from sshjobs.dockerlab import engine_problem
+
+    problem = engine_problem()
+    if problem:
+        pytest.skip(problem)
+
+
+@pytest.fixture(scope="session")
+def docker_compose_command(docker_engine) -> str:
+    from sshjobs.dockerlab import compose_command
+
+    return " ".join(compose_command())  # `docker-compose` (v1) here
+
+
+@pytest.fixture(scope="session")
+def docker_compose_file() -> str:
+    from sshjobs.dockerlab import DOCKER_DIR
+
+    return str(DOCKER_DIR / "compose.yml")
+
+
+@pytest.fixture(scope="session")
+def docker_compose_project_name() -> str:
+    return DOCKER_PROJECT
+
+
+@pytest.fixture(scope="session")
+def docker_prepared(docker_engine, tmp_path_factory):
+    """Keys and images (the base image is built once, then cached by its tag) before `up`."""
+    from sshjobs.dockerlab import DockerLab
+
+    dlab = DockerLab(tmp_path_factory.mktemp("docker"), project=DOCKER_PROJECT, net=DOCKER_NET)
+    dlab.prepare()
+    dlab.build()
+    # pytest-docker runs compose through a shell that inherits this environment.
+    saved = {k: os.environ.get(k) for k in dlab.env()}
+    os.environ.update(dlab.env())
+    yield dlab
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def docker_setup(docker_prepared):
+    # pytest-docker's default `up --build --wait` needs Compose v2; images are built already.
+    return ["up -d --remove-orphans"]
+
+
+@pytest.fixture(scope="session")
+def docker_cleanup():
+    return ["down -v --remove-orphans -t 2"]
+
+
+@pytest.fixture(scope="session")
+def docker_lab(docker_prepared, docker_services):
+    """The 10 running containers: same interface as `lab` (hosts, known_hosts, inventory_path)."""
+    from sshjobs.dockerlab import banner
+
+    dlab = docker_prepared
+    docker_services.wait_until_responsive(lambda: all(banner(h.address) for h in dlab.hosts),
+                                          timeout=90, pause=0.2)
+    return dlab.ready()
+
+
+@pytest.fixture(params=["lab", pytest.param("docker", marks=pytest.mark.docker)])
+def backend(request):
+    """A cluster backend: the local sshd lab or the Docker containers."""
+    return request.getfixturevalue("lab" if request.param == "lab" else "docker_lab")
+
+
+@pytest.fixture
+def binv(backend) -> Inventory:
+    """`inv` for either backend."""
+    return Inventory.load(backend.inventory_path)
