@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 LAB_DIR ?= .lab
 LAB_HOSTS ?= 10
 
-.PHONY: venv system-deps test demo lab-up lab-down clean docker-base docker-up docker-demo docker-down
+.PHONY: venv system-deps test bench demo lab-up lab-down clean docker-base docker-up docker-demo docker-down
 
 # openssh-server for the local lab (root on Debian; otherwise say what is missing)
 system-deps:
@@ -24,6 +24,10 @@ venv: $(VENV)/.installed
 
 test: system-deps venv docker-base
 	$(PY) -m pytest -q
+
+# The benchmarks (bench/README.md): a 100-host lab on 127.0.$${SSHJOBS_LAB_SUBNET:-9}.x, ~5 min.
+bench: system-deps venv
+	$(PY) -m bench $(BENCH_ARGS)
 
 # The seed demo: a 10-host lab (stopped afterwards), numpy installed on every host, 10 jobs.
 # DEMO_ARGS="--keep-lab" leaves the lab running; DEMO_ARGS="-i hosts.toml" uses your hosts.

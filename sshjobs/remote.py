@@ -11,17 +11,22 @@ worker moves the real stdout away before running anything and points file
 descriptor 1 at stderr, so stray output from C code or subprocesses cannot corrupt it.
 """
 
+import builtins
 import io
 import json
 import os
 import pickle
-import queue
 import signal
 import struct
 import sys
 import threading
 import time
-import traceback
+import types
+
+try:  # the C queue: importing queue.py costs a worker start about 1.5 ms
+    from _queue import SimpleQueue
+except ImportError:  # pragma: no cover
+    from queue import SimpleQueue
 
 HEADER = struct.Struct("!BIQ")
 
@@ -39,6 +44,7 @@ OUTPUT = 12  # payload: OUTPUT_HEAD (stream 1 stdout / 2 stderr, item) + utf-8 t
 FATAL = 13  # JSON: the worker cannot go on
 
 META_LEN = struct.Struct("!I")
+ALL_OK = "all-ok"  # RESULT meta (ALL_OK, durations): one pickled list holds every value
 FID = struct.Struct("!I")  # the function id that starts a CALL or MAP payload (the rest is
 # pickled on its own, so the controller pickles an argument once for every host)
 OUTPUT_HEAD = struct.Struct("!BI")  # stream, index of the item within a MAP job
@@ -95,6 +101,8 @@ def _read_exact(stream, n):
 
 def error_info(exc):
     """(type name, message, traceback text) of an exception, for the controller."""
+    import traceback  # imported when first needed: it pulls in re, tokenize, linecache
+
     return (
         type(exc).__qualname__,
         str(exc),
@@ -156,7 +164,8 @@ class Worker:
         self.inp = inp
         self.out = out
         self.lock = threading.Lock()
-        self.jobs = queue.SimpleQueue()
+        self.jobs = SimpleQueue()
+        self.exiting = threading.Event()
         self.funcs = {}
         self.job_id = 0
         self.item = 0
@@ -179,6 +188,10 @@ class Worker:
         try:
             return pickle.dumps(value, protocol=5)
         except Exception:
+            if self.cloudpickle is None:
+                import cloudpickle
+
+                self.cloudpickle = cloudpickle
             return self.cloudpickle.dumps(value, protocol=5)
 
     # -- input ---------------------------------------------------------------
@@ -195,8 +208,10 @@ class Worker:
         self.jobs.put(None)
         # A job may be running: stdin closing means the controller is gone or wants
         # this worker dead.  Give an idle main thread a moment to exit cleanly.
-        time.sleep(0.05)
-        _die()
+        # If the main thread gets there first it does the cleanup: a second _die() here
+        # would exit the process halfway through it, leaving the job's children behind.
+        if not self.exiting.wait(0.05):
+            _die()
 
     # -- setup ---------------------------------------------------------------
     def setup(self):
@@ -214,7 +229,9 @@ class Worker:
         workdir = os.path.expanduser(config.get("workdir") or "~/.cache/sshjobs")
         _private_dir(workdir)
         want = config.get("cloudpickle")
-        have = self._import_cloudpickle(workdir, want)
+        have = self._find_cloudpickle(workdir, want)
+        if str(want).startswith("3."):  # the loaders below are cloudpickle 3's
+            self.loads = _loads
         hello = {
             "python": list(sys.version_info[:3]),
             "executable": sys.executable,
@@ -239,15 +256,20 @@ class Worker:
                 raise SystemExit("sshjobs worker: expected cloudpickle's source")
             self._install_cloudpickle(workdir, want, pickle.loads(frame[2]))
 
-    def _import_cloudpickle(self, workdir, want):
+    def _find_cloudpickle(self, workdir, want):
+        """cloudpickle's version, found without importing it: its imports are most of a
+        worker's start-up (~20 ms of CPU), and most jobs never need more of it than the
+        few loaders in _LIGHT.  It is imported when something does need it."""
         lib = os.path.join(workdir, "lib", "cloudpickle-%s" % want)
-        if want and os.path.isdir(lib):
+        if want and os.path.isfile(os.path.join(lib, "cloudpickle", "cloudpickle.py")):
             sys.path.insert(0, lib)
-        try:
+            return want
+        found = _version_on_path()
+        if found:
+            return found
+        try:  # an unusual layout (a zip, say): ask the module itself
             import cloudpickle
         except Exception:
-            if want and os.path.isdir(lib):
-                sys.path.remove(lib)
             return None
         self.cloudpickle = cloudpickle
         return getattr(cloudpickle, "__version__", None)
@@ -342,19 +364,37 @@ class Worker:
         except BaseException as exc:
             return [(False, error_info(exc), "", "", 0.0)]
         results = []
+        append = results.append
         clock = time.perf_counter
         for index, item in enumerate(items):
             self.item = index
             start = clock()
             try:
-                results.append((True, fn(item), out.take(), err.take(), clock() - start))
+                value = fn(item)
+                ok = True
             except BaseException as exc:
-                results.append((False, error_info(exc), out.take(), err.take(), clock() - start))
+                value = error_info(exc)
+                ok = False
+            took = clock() - start
+            append((ok, value, out.take() if out._parts else "", err.take() if err._parts else "", took))
         return results
 
     def send_result(self, job_id, results, flush):
         """One RESULT frame: a meta list, then each value pickled on its own so that
-        one value that cannot be pickled (or unpickled) costs only its own job."""
+        one value that cannot be pickled (or unpickled) costs only its own job.
+
+        Many items that all succeeded without output go as one pickled list of values
+        and a list of durations: per-item pickles and meta bounded map over tiny items.
+        """
+        if len(results) > 1 and all([r[0] and not r[2] and not r[3] for r in results]):
+            try:
+                blob = self.dumps([r[1] for r in results])
+            except BaseException:
+                blob = None  # some value does not pickle: each on its own below
+            if blob is not None:
+                self._write_result(job_id, pickle.dumps((ALL_OK, [r[4] for r in results]), protocol=4),
+                                   [blob], flush)
+                return
         meta = []
         blobs = []
         for ok, value, so, se, took in results:
@@ -363,6 +403,8 @@ class Worker:
                     blob = self.dumps(value)
                 except BaseException as exc:
                     ok = False
+                    import traceback
+
                     value = (
                         "UnpicklableResult",
                         "the job's return value of type %s could not be pickled: %s"
@@ -373,7 +415,9 @@ class Worker:
                 blob = pickle.dumps(value, protocol=4)
             meta.append((ok, so, se, took, len(blob)))
             blobs.append(blob)
-        head = pickle.dumps(meta, protocol=4)
+        self._write_result(job_id, pickle.dumps(meta, protocol=4), blobs, flush)
+
+    def _write_result(self, job_id, head, blobs, flush):
         size = META_LEN.size + len(head) + sum(len(b) for b in blobs)
         with self.lock:
             write = self.out.write
@@ -384,6 +428,136 @@ class Worker:
                 write(blob)
             if flush:
                 self.out.flush()
+
+
+def _version_on_path():
+    """The __version__ line of the cloudpickle that ``import cloudpickle`` would find."""
+    for entry in sys.path:
+        try:
+            with open(os.path.join(entry or ".", "cloudpickle", "__init__.py"), encoding="utf-8") as f:
+                text = f.read()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("__version__"):
+                return line.partition("=")[2].strip().strip("\"'") or None
+        return None
+    return None
+
+
+# cloudpickle 3's loaders for functions and closures, as in cloudpickle/cloudpickle.py, so
+# that loading a function does not import cloudpickle and what it imports.  Any other
+# name (classes, enums, typevars...) is looked up in the real module, imported then.
+def _cp_builtin_type(name):
+    return type if name == "ClassType" else getattr(types, name)
+
+
+def _cp_subimport(name):
+    __import__(name)
+    return sys.modules[name]
+
+
+def _cp_dynamic_subimport(name, vars):
+    mod = types.ModuleType(name)
+    mod.__dict__.update(vars)
+    mod.__dict__["__builtins__"] = builtins.__dict__
+    return mod
+
+
+class _EmptyCellValue(object):
+    pass
+
+
+_EMPTY_CELL_VALUE = _EmptyCellValue()
+
+
+def _cp_make_function(code, globals, name, argdefs, closure):
+    globals["__builtins__"] = builtins.__dict__
+    return types.FunctionType(code, globals, name, argdefs, closure)
+
+
+def _cp_make_empty_cell():
+    if False:
+        cell = None
+    return (lambda: cell).__closure__[0]  # noqa: F821  (the cell stays empty)
+
+
+def _cp_make_cell(value=_EMPTY_CELL_VALUE):
+    cell = _cp_make_empty_cell()
+    if value is not _EMPTY_CELL_VALUE:
+        cell.cell_contents = value
+    return cell
+
+
+def _cp_function_setstate(obj, state):
+    state, slotstate = state
+    obj.__dict__.update(state)
+    obj_globals = slotstate.pop("__globals__")
+    obj_closure = slotstate.pop("__closure__")
+    slotstate.pop("_cloudpickle_submodules")
+    obj.__globals__.update(obj_globals)
+    obj.__globals__["__builtins__"] = builtins.__dict__
+    if obj_closure is not None:
+        for i, cell in enumerate(obj_closure):
+            try:
+                value = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            obj.__closure__[i].cell_contents = value
+    for k, v in slotstate.items():
+        setattr(obj, k, v)
+
+
+_LIGHT = {
+    "_builtin_type": _cp_builtin_type,
+    "subimport": _cp_subimport,
+    "dynamic_subimport": _cp_dynamic_subimport,
+    "_empty_cell_value": _EMPTY_CELL_VALUE,
+    "_make_function": _cp_make_function,
+    "_make_empty_cell": _cp_make_empty_cell,
+    "_make_cell": _cp_make_cell,
+    "_function_setstate": _cp_function_setstate,
+}
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if module == "cloudpickle.cloudpickle" and name in _LIGHT:
+            return _LIGHT[name]
+        return pickle.Unpickler.find_class(self, module, name)
+
+
+class _Reader(object):
+    """A read-only file over a buffer: io.BytesIO would copy a memoryview first."""
+
+    def __init__(self, data):
+        self.view = memoryview(data)
+        self.pos = 0
+
+    def read(self, n=-1):
+        end = len(self.view) if n is None or n < 0 else min(len(self.view), self.pos + n)
+        chunk = self.view[self.pos:end].tobytes()
+        self.pos = end
+        return chunk
+
+    def readinto(self, buf):
+        n = min(len(buf), len(self.view) - self.pos)
+        buf[:n] = self.view[self.pos:self.pos + n]
+        self.pos += n
+        return n
+
+    def readline(self):
+        end = self.pos
+        while end < len(self.view):
+            i = self.view[end:end + 4096].tobytes().find(b"\n")
+            if i >= 0:
+                return self.read(end + i + 1 - self.pos)
+            end += 4096
+        return self.read()
+
+
+def _loads(data):
+    return _Unpickler(_Reader(data)).load()
 
 
 class _Unloadable:
@@ -476,6 +650,25 @@ def _group_members(pgrp):
     return found
 
 
+def _never_had_children():
+    """True only when this process certainly never had a child, so that its process
+    group holds nobody else: then the /proc scan (~3-8 ms of CPU on a busy host, for
+    every worker that exits) is skipped.  Only a descendant can be in the group."""
+    try:
+        if signal.getsignal(signal.SIGCHLD) == signal.SIG_IGN:  # children reaped unaccounted
+            return False
+        try:
+            os.waitpid(-1, os.WNOHANG)
+            return False  # a child is alive (or a zombie)
+        except ChildProcessError:
+            pass
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss == 0  # none was ever reaped
+    except Exception:
+        return False
+
+
 def _die(code=0):
     """Exit now, taking the job's children along when this worker leads its group.
 
@@ -483,7 +676,7 @@ def _die(code=0):
     handlers here (main thread only): the others in the group are signalled one by one."""
     try:
         pgrp = os.getpgrp()
-        if pgrp == os.getpid():
+        if pgrp == os.getpid() and not _never_had_children():
             for sig, grace in ((signal.SIGTERM, 0.5), (signal.SIGKILL, 0.5)):
                 others = _group_members(pgrp)
                 if others is None:  # no /proc: the whole group, this process included
@@ -521,12 +714,23 @@ def main():
             os._exit(1)
     threading.Thread(target=worker.reader, name="sshjobs-reader", daemon=True).start()
     worker.run()
+    worker.exiting.set()
     try:
         out.flush()
     finally:
         _die(0)
 
 
+# Index settings from the host's environment: part of an environment's id (HELLO reports them).
+INDEX_ENV = ("UV_INDEX_URL", "UV_DEFAULT_INDEX", "UV_INDEX", "UV_EXTRA_INDEX_URL", "UV_FIND_LINKS",
+             "UV_NO_INDEX", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_NO_INDEX")
+
+
+def _index_env():
+    return ["%s=%s" % (k, os.environ[k]) for k in INDEX_ENV if os.environ.get(k)]
+
+
+# Workers are sent only the source above this line (sshjobs.worker.WORKER_SOURCE_END).
 # -- environments: what sshjobs.provisioning runs on the host ---------------------------
 # ``python3 -c PROVISION_STUB`` reads this module like the worker does, then one JSON
 # request from the rest of stdin, and prints one JSON reply on stdout.
@@ -534,9 +738,6 @@ def main():
 PROVISION_STUB = STUB.replace("m.main()", "m.provision()")
 ENV_MARKER = "sshjobs-env.json"  # present only in a complete environment
 ENV_REQUIREMENTS = "sshjobs-requirements.txt"
-# Environment variables that change where packages come from: part of an environment's id.
-INDEX_ENV = ("UV_INDEX_URL", "UV_DEFAULT_INDEX", "UV_INDEX", "UV_EXTRA_INDEX_URL", "UV_FIND_LINKS",
-             "UV_NO_INDEX", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_NO_INDEX")
 ERROR_TAIL = 2000  # characters of uv's (or pip's) message kept
 
 
@@ -577,10 +778,6 @@ def python_facts(full=False):
         facts.update(implementation=sys.implementation.name, cache_tag=sys.implementation.cache_tag,
                      platform=sys.platform, machine=os.uname().machine, libc=libc)
     return facts
-
-
-def _index_env():
-    return ["%s=%s" % (k, os.environ[k]) for k in INDEX_ENV if os.environ.get(k)]
 
 
 def _complete(target):

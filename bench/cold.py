@@ -1,0 +1,78 @@
+"""One cold run in a process of its own: connect, run one job per host, close.
+
+``python -m bench.cold {sshjobs|baseline} {eigen|noop} INVENTORY HOSTS`` prints one JSON
+line: seconds from the first connect to the last result (after imports, before exit,
+connections closed), and the process's peak RSS (VmHWM).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+import sys
+import time
+
+
+def load(path: str, hosts: int):
+    from sshjobs import Inventory
+
+    inv = Inventory.load(path)
+    return Inventory(inv.hosts[:hosts], source=inv.source)
+
+
+async def run_sshjobs(inv, job: str):
+    from . import jobs
+
+    t0 = time.perf_counter()
+    async with inv.connect() as cluster:
+        if job == "eigen":
+            results = await cluster.map(jobs.eigen, range(len(inv)))
+        else:
+            results = await cluster.gather(jobs.noop)
+    seconds = time.perf_counter() - t0
+    bad = [r for r in results if not r.ok]
+    if bad:
+        raise SystemExit(f"sshjobs: {len(bad)} jobs failed: {bad[0].error}")
+    return seconds, [r.value for r in results]
+
+
+async def run_baseline(inv, job: str):
+    from .baseline import Baseline
+
+    python = inv.hosts[0].python
+    t0 = time.perf_counter()
+    b = await Baseline(inv.hosts, python).connect()
+    try:
+        values = await (b.fanout() if job == "eigen" else b.noop())
+    finally:
+        await b.close()
+    return time.perf_counter() - t0, values
+
+
+def main(argv: list[str]) -> None:
+    tool, job, path, hosts = argv[0], argv[1], argv[2], int(argv[3])
+    import asyncssh  # noqa: F401  imports are not part of the figure
+    import sshjobs.api  # noqa: F401
+
+    inv = load(path, hosts)
+    fn = run_sshjobs if tool == "sshjobs" else run_baseline
+    seconds, values = asyncio.run(fn(inv, job))
+    print(json.dumps({"seconds": seconds, "rss_mb": peak_rss_mb(), "values": values}))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS.  Not getrusage's ru_maxrss: Linux carries that over from the
+    parent across fork and exec, so it would report the bench runner's own peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

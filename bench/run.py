@@ -1,0 +1,342 @@
+"""`make bench`: start a lab, measure every figure for sshjobs and the baseline, stop the lab.
+
+    python -m bench [--runs 5] [--hosts 100] [--subnet N] [--json-out FILE]
+
+Prints a table and then one JSON object (the last line of stdout).  Every figure is the
+median of ``--runs`` runs, sshjobs and the baseline measured in the same run; the ratio
+is sshjobs / baseline (for a time lower is better, for a rate higher is better).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = ROOT / ".bench"
+VENV = BENCH_DIR / "venv"
+BULK = 200 * 1000 * 1000
+SUBMITS = 10_000
+MAP_ITEMS = 1_000_000
+BASELINE_TINY = 300  # the baseline runs ~150 jobs/s: fewer jobs give the same rate
+
+# figure key -> (label, unit, higher is better, target test or None, target text)
+FIGURES = {
+    "cold_fanout": ("cold fan-out, 10 hosts (new process)", "s", False, lambda v, r: r is not None and r <= 0.85,
+                    "<= 0.85x baseline"),
+    "warm_fanout": ("warm fan-out, 10 hosts", "s", False, lambda v, r: v <= 0.08, "<= 0.08 s"),
+    "submit": ("tiny jobs, 10,000 submits", "jobs/s", True, lambda v, r: v >= 25_000, ">= 25,000 jobs/s"),
+    "map": ("tiny jobs, map over 1,000,000 ints", "items/s", True, lambda v, r: v >= 500_000, ">= 500,000 items/s"),
+    "bulk_up": ("bulk 200 MB echo, up", "MB/s", True, lambda v, r: v >= 200, ">= 200 MB/s"),
+    "bulk_down": ("bulk 200 MB echo, down", "MB/s", True, lambda v, r: v >= 200, ">= 200 MB/s"),
+    "scale": ("100 hosts, cold no-op gather (new process)", "s", False, lambda v, r: v <= 1.8, "<= 1.8 s"),
+    "scale_rss": ("100 hosts, controller peak RSS", "MB", False, lambda v, r: v <= 200, "<= 200 MB"),
+    "install": ("install no-op, 10 hosts", "s", False, lambda v, r: v <= 0.3, "<= 0.3 s"),
+}
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def numpy_venv() -> Path:
+    """One venv with the package index's numpy wheel, used by both sides on every host."""
+    python = VENV / "bin" / "python"
+    if python.exists() and subprocess.run([str(python), "-c", "import numpy"], capture_output=True).returncode == 0:
+        return python
+    uv = Path(sys.executable).parent / "uv"
+    say(f"bench: creating {VENV} with numpy from the package index")
+    BENCH_DIR.mkdir(exist_ok=True)
+    subprocess.run([str(uv), "venv", "-q", "--allow-existing", "--python", "/usr/bin/python3", str(VENV)], check=True)
+    subprocess.run([str(uv), "pip", "install", "-q", "--python", str(python), "numpy"], check=True)
+    for p in (BENCH_DIR, *VENV.rglob("*")):  # lab users read it
+        if p.is_dir():
+            p.chmod(p.stat().st_mode | 0o755)
+    return python
+
+
+class Runs:
+    def __init__(self):
+        self.data: dict[str, dict[str, list[float]]] = {}
+        self.notes: dict[str, str] = {}
+
+    def add(self, key: str, tool: str, value: float) -> None:
+        self.data.setdefault(key, {}).setdefault(tool, []).append(value)
+
+
+def cold(tool: str, job: str, inventory: Path, hosts: int) -> dict:
+    out = subprocess.run([sys.executable, "-m", "bench.cold", tool, job, str(inventory), str(hosts)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=180)
+    if out.returncode != 0:
+        raise RuntimeError(f"cold {tool} {job} failed: {out.stderr.strip()[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def expected_eigen(n: int) -> list:
+    """The reference values, computed by the venv's python (the same numpy wheel)."""
+    from . import jobs
+
+    code = jobs.source(jobs.eigen) + f"\nimport json\nprint(json.dumps([eigen(i) for i in range({n})]))\n"
+    out = subprocess.run([str(VENV / "bin" / "python"), "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+    return json.loads(out.stdout)
+
+
+def close_enough(a, b) -> bool:
+    return len(a) == len(b) and all(abs(x - y) <= 1e-9 * max(1.0, abs(y)) for r, s in zip(a, b) for x, y in zip(r, s))
+
+
+async def warm_figures(inv, python: str, runs: Runs, n: int, expected: list) -> None:
+    from . import jobs
+    from .baseline import Baseline
+
+    base = await Baseline(inv.hosts, python).connect()
+    try:
+        async with inv.connect() as cluster:
+            await cluster.ensure_slots()
+            for i in range(n + 1):  # run 0 warms up both sides
+                say(f"bench: warm figures, run {i}/{n}")
+                # warm fan-out
+                t0 = time.perf_counter()
+                res = await cluster.map(jobs.eigen, range(len(inv)))
+                t_s = time.perf_counter() - t0
+                if not all(r.ok for r in res) or not close_enough([r.value for r in res], expected):
+                    raise RuntimeError(f"sshjobs eigen results wrong: {res[:2]}")
+                t0 = time.perf_counter()
+                vals = await base.fanout()
+                t_b = time.perf_counter() - t0
+                if not close_enough(vals, expected):
+                    raise RuntimeError("baseline eigen results wrong")
+                if i:
+                    runs.add("warm_fanout", "sshjobs", t_s)
+                    runs.add("warm_fanout", "baseline", t_b)
+
+                # 10,000 submits of a closure
+                double = jobs.make_double()
+                t0 = time.perf_counter()
+                res = await asyncio.gather(*[cluster.submit(double, k) for k in range(SUBMITS)])
+                t_s = time.perf_counter() - t0
+                if [r.value for r in res] != [2 * k for k in range(SUBMITS)]:
+                    raise RuntimeError(f"sshjobs submit results wrong: {[r for r in res if not r.ok][:1]}")
+                t0 = time.perf_counter()
+                vals = await base.tiny(BASELINE_TINY)
+                t_b = time.perf_counter() - t0
+                assert vals == [2 * k for k in range(BASELINE_TINY)]
+                if i:
+                    runs.add("submit", "sshjobs", SUBMITS / t_s)
+                    runs.add("submit", "baseline", BASELINE_TINY / t_b)
+
+                # map over 1,000,000 ints
+                items = range(MAP_ITEMS)
+                t0 = time.perf_counter()
+                res = await cluster.map(double, items)
+                t_s = time.perf_counter() - t0
+                if len(res) != MAP_ITEMS or res[-1].value != 2 * (MAP_ITEMS - 1) or not all(r.ok for r in res):
+                    raise RuntimeError("sshjobs map results wrong")
+                del res
+                t0 = time.perf_counter()
+                vals = await base.map(list(items))
+                t_b = time.perf_counter() - t0
+                assert len(vals) == MAP_ITEMS and vals[-1] == 2 * (MAP_ITEMS - 1)
+                del vals
+                if i:
+                    runs.add("map", "sshjobs", MAP_ITEMS / t_s)
+                    runs.add("map", "baseline", MAP_ITEMS / t_b)
+
+                # bulk: 200 MB echoed; the host stamps when all of it had arrived
+                data = os.urandom(1 << 20) * (BULK >> 20) + bytes(BULK - ((BULK >> 20) << 20))
+                t0 = time.time()
+                r = await cluster.submit(jobs.echo_stamped, data)
+                t1 = time.time()
+                arrived, back = r.unwrap()
+                if back != data:
+                    raise RuntimeError("sshjobs echo returned other bytes")
+                up_s, down_s = BULK / 1e6 / (arrived - t0), BULK / 1e6 / (t1 - arrived)
+                del back, r
+                t0 = time.time()
+                arrived, back = await base.echo(data)
+                t1 = time.time()
+                if back != data:
+                    raise RuntimeError("baseline echo returned other bytes")
+                del back
+                if i:
+                    runs.add("bulk_up", "sshjobs", up_s)
+                    runs.add("bulk_down", "sshjobs", down_s)
+                    runs.add("bulk_up", "baseline", BULK / 1e6 / (arrived - t0))
+                    runs.add("bulk_down", "baseline", BULK / 1e6 / (t1 - arrived))
+                del data
+    finally:
+        await base.close()
+
+
+async def install_figure(inv, python: str, runs: Runs, n: int) -> None:
+    """An environment that is already installed, asked for again on 10 hosts.
+
+    The baseline has no environments: its equivalent check is one ``python -c "import
+    numpy"`` per host.  The environment is built once, untimed (the first time on a
+    machine that downloads numpy into every lab user's uv cache)."""
+    from .baseline import Baseline
+
+    reqs = ["numpy"]
+    # the hosts reach the package index like the controller, with its CA bundle
+    env = tuple((k, os.environ[k]) for k in ("SSL_CERT_FILE",) if os.environ.get(k))
+    inv = type(inv)([dataclasses.replace(h, env=h.env + env) for h in inv.hosts], source=inv.source)
+    base = await Baseline(inv.hosts, python).connect()
+    try:
+        async with inv.connect() as cluster:
+            say("bench: install, building the environment once (untimed)")
+            first = await cluster.install(reqs)
+            bad = [r for r in first if not r.ok]
+            if bad:
+                runs.notes["install"] = f"n/a: install failed: {bad[0].error}"[:200]
+                return
+            for i in range(n + 1):
+                say(f"bench: install no-op, run {i}/{n}")
+                t0 = time.perf_counter()
+                res = await cluster.install(reqs)
+                t_s = time.perf_counter() - t0
+                if not all(r.ok and r.value["cached"] for r in res):
+                    raise RuntimeError(f"install no-op did not find its environment: {res[0]}")
+                t0 = time.perf_counter()
+                await asyncio.gather(*(base.run(k, "import numpy") for k in range(len(inv.hosts))))
+                t_b = time.perf_counter() - t0
+                if i:
+                    runs.add("install", "sshjobs", t_s)
+                    runs.add("install", "baseline", t_b)
+    finally:
+        await base.close()
+
+
+def summarise(runs: Runs, n: int) -> dict:
+    figures = {}
+    for key, (label, unit, higher, test, target) in FIGURES.items():
+        d = runs.data.get(key)
+        if not d or "sshjobs" not in d:
+            figures[key] = {"label": label, "unit": unit, "target": target, "value": None,
+                            "note": runs.notes.get(key, "n/a: not measured")}
+            continue
+        value = statistics.median(d["sshjobs"])
+        base = statistics.median(d["baseline"]) if d.get("baseline") else None
+        ratio = value / base if base else None
+        figures[key] = {
+            "label": label, "unit": unit, "target": target, "higher_is_better": higher,
+            "value": value, "baseline": base, "ratio": ratio,
+            "met": bool(test(value, ratio)) if test else None,
+            "runs": d["sshjobs"], "baseline_runs": d.get("baseline", []),
+        }
+    return {
+        "bench": "sshjobs",
+        "runs": n,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "load_1min": os.getloadavg()[0]},
+        "figures": figures,
+    }
+
+
+def table(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"sshjobs bench: medians of {summary['runs']} runs, baseline = asyncssh + python3 -c per job")
+    for col in ("figure", "sshjobs", "baseline", "ratio", "target", "met"):
+        t.add_column(col, justify="left" if col in ("figure", "target") else "right")
+
+    def fmt(v, unit):
+        if v is None:
+            return "-"
+        if unit == "s":
+            return f"{v:.3f} s"
+        return f"{v:,.0f} {unit}" if v >= 100 else f"{v:.1f} {unit}"
+
+    for f in summary["figures"].values():
+        if f["value"] is None:
+            t.add_row(f["label"], f["note"], "-", "-", f["target"], "-")
+            continue
+        ratio = "-" if f["ratio"] is None else f"{f['ratio']:.2f}x"
+        met = {True: "yes", False: "NO", None: "-"}[f["met"]]
+        t.add_row(f["label"], fmt(f["value"], f["unit"]), fmt(f["baseline"], f["unit"]), ratio, f["target"], met)
+    Console(file=sys.stdout, width=130).print(t)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=5, help="runs per figure (median); at least 5 for the record")
+    ap.add_argument("--hosts", type=int, default=100, help="lab hosts for the scale figure (the others use 10)")
+    ap.add_argument("--subnet", type=int, default=int(os.environ.get("SSHJOBS_LAB_SUBNET", "9")),
+                    help="lab addresses 127.0.SUBNET.x (default $SSHJOBS_LAB_SUBNET or 9)")
+    ap.add_argument("--only", default="", help="comma-separated: cold,warm,scale,install (default all)")
+    ap.add_argument("--json-out", help="also write the JSON object to this file")
+    args = ap.parse_args(argv)
+    only = set(filter(None, args.only.split(","))) or {"cold", "warm", "scale", "install"}
+
+    from sshjobs import Inventory
+    from sshjobs.lab import Lab
+
+    # SIGTERM (a killed `make`) must still stop the lab: turn it into an exception.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    python = numpy_venv()
+    n = args.runs
+    runs = Runs()
+    nlab = max(10, args.hosts if "scale" in only else 10)
+    started = time.perf_counter()
+    load_before = os.getloadavg()[0]
+    lab = Lab(nlab, BENCH_DIR / f"lab{args.subnet}", subnet=args.subnet, prefix=f"sshjobs-b{args.subnet}-")
+    say(f"bench: starting a {nlab}-host lab on 127.0.{args.subnet}.x")
+    try:
+        lab.up(timeout=60)
+        text = lab.inventory_path.read_text().replace("[defaults]\n", f'[defaults]\npython = "{python}"\n', 1)
+        lab.inventory_path.write_text(text)
+        full = Inventory.load(lab.inventory_path)
+        inv10 = Inventory(full.hosts[:10], source=full.source)
+        expected = expected_eigen(10)
+
+        if "cold" in only:
+            for i in range(n + 1):  # run 0 warms caches (cloudpickle on the hosts, page cache)
+                say(f"bench: cold fan-out, run {i}/{n}")
+                s = cold("sshjobs", "eigen", lab.inventory_path, 10)
+                b = cold("baseline", "eigen", lab.inventory_path, 10)
+                if not close_enough(s["values"], expected) or not close_enough(b["values"], expected):
+                    raise RuntimeError("cold eigen results differ from the reference")
+                if i:
+                    runs.add("cold_fanout", "sshjobs", s["seconds"])
+                    runs.add("cold_fanout", "baseline", b["seconds"])
+        if "warm" in only:
+            asyncio.run(warm_figures(inv10, str(python), runs, n, expected))
+        if "scale" in only and nlab >= 100:
+            for i in range(n + 1):
+                say(f"bench: {nlab} hosts cold no-op, run {i}/{n}")
+                s = cold("sshjobs", "noop", lab.inventory_path, nlab)
+                b = cold("baseline", "noop", lab.inventory_path, nlab)
+                if i:
+                    runs.add("scale", "sshjobs", s["seconds"])
+                    runs.add("scale", "baseline", b["seconds"])
+                    runs.add("scale_rss", "sshjobs", s["rss_mb"])
+                    runs.add("scale_rss", "baseline", b["rss_mb"])
+        if "install" in only:
+            asyncio.run(install_figure(inv10, str(python), runs, n))
+    finally:
+        lab.down()
+        say(f"bench: lab stopped after {time.perf_counter() - started:.0f} s")
+    summary = summarise(runs, n)
+    summary["machine"]["load_1min_before"] = load_before
+    summary["seconds"] = time.perf_counter() - started
+    table(summary)
+    line = json.dumps(summary)
+    if args.json_out:
+        Path(args.json_out).write_text(line + "\n")
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
