@@ -167,11 +167,12 @@ class Worker:
             raise WorkerError("HostLost", f"{self.host.target}: connection lost while starting a worker: {exc}") from None
         self.alive = True
         _, late = split_env(self.env)
-        config = {"cloudpickle": cloudpickle.__version__, "workdir": self.host.workdir, "slots": self.slots,
+        workdir = self.host.workdir or "~/.cache/sshjobs"
+        config = {"cloudpickle": cloudpickle.__version__, "workdir": workdir, "slots": self.slots,
                   "env": late}
         try:
-            self._chan.write(b"%d\n" % len(_REMOTE_SOURCE) + _REMOTE_SOURCE
-                             + remote.pack(remote.CONFIG, 0, json.dumps(config).encode()))
+            self._chan.write(b"%d\n" % len(_REMOTE_SOURCE)
+                             + _REMOTE_SOURCE + remote.pack(remote.CONFIG, 0, pickle.dumps(config, protocol=4)))
         except (BrokenPipeError, asyncssh.Error, OSError):
             pass  # it ended already (no such python, say): _lost() tells the hello why
         try:

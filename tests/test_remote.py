@@ -107,3 +107,12 @@ def test_job_reading_stdin_cannot_eat_frames(worker):
         kind, got, body = remote.read_frame(worker.stdout)
         assert (kind, got) == (remote.RESULT, job)
         assert decode_results(body)[0][:2] == (True, "")
+
+
+def test_hello_json_without_the_json_module():
+    """HELLO and FATAL are written by remote._json (json's import costs every worker start):
+    the controller's json.loads must get back exactly what the worker had."""
+    odd = 'q"uote \\ back\nnew\ttab \x00 \x7f é € 😀 \udcff'
+    for value in ({"home": odd, "python": [3, 11, 2], "cpus": 2, "none": None, "flags": [True, False]},
+                  [odd, "Traceback (most recent call last):\n  ...", -1], {}, [], ""):
+        assert json.loads(remote._json(value)) == value
