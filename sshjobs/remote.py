@@ -65,7 +65,8 @@ FLUSH_AFTER = 0.05  # seconds a finished result may wait in the buffer for compa
 # this module's source.  It reads fd 0 unbuffered so that no byte meant for the worker is
 # read ahead and lost.  With a KEY (a hash of the source) it runs the code object that an
 # earlier worker cached under WORKDIR/code (compiling the source costs ~3 ms of CPU), and
-# compiles the source when that file is missing or unreadable; main() writes it then.
+# compiles the source when that file is missing, unreadable, not its user's own or writable
+# by others; main() writes it then.
 STUB = """import os,sys,types,marshal
 r=os.fdopen(0,'rb',0)
 h=r.readline().split()
@@ -78,7 +79,10 @@ while len(b)<n:
 m=types.ModuleType('sshjobs_remote');sys.modules[m.__name__]=m
 try:
  p=os.path.join(os.path.expanduser(bytes.fromhex(h[2].decode()).decode()),'code','%s-%s-%x'%(h[1].decode(),sys.implementation.cache_tag,sys.hexversion))
- with open(p,'rb') as f:c=marshal.load(f)
+ with open(p,'rb') as f:
+  s=os.fstat(f.fileno())
+  if s.st_uid!=os.getuid() or s.st_mode&18:raise ValueError
+  c=marshal.load(f)
  if type(c) is not types.CodeType:raise ValueError
 except Exception:
  c=compile(bytes(b),'sshjobs_remote.py','exec');m.CODE_CACHE=len(h)>2 and(p,c)

@@ -165,6 +165,10 @@ def test_compiled_worker_is_cached_privately_and_used(tmp_path):
         input=variant, capture_output=True, check=True).stdout)
     assert start_keyed(tmp_path)[0]["platform"] == "from-cache"
     assert hello["platform"] == sys.platform
+    # a cache file that others could have written is not trusted: compiled again, replaced
+    cached.chmod(0o622)
+    assert start_keyed(tmp_path)[0]["platform"] == sys.platform
+    assert stat.S_IMODE(cached.stat().st_mode) == 0o600
 
 
 def test_a_broken_code_cache_is_compiled_again(tmp_path):
