@@ -52,16 +52,23 @@ def say(msg: str) -> None:
 def numpy_venv() -> Path:
     """One venv with the package index's numpy wheel, used by both sides on every host."""
     python = VENV / "bin" / "python"
-    if python.exists() and subprocess.run([str(python), "-c", "import numpy"], capture_output=True).returncode == 0:
+    marker = VENV / ".bytecode"
+    if python.exists() and marker.exists() and \
+            subprocess.run([str(python), "-c", "import numpy"], capture_output=True).returncode == 0:
         return python
     uv = Path(sys.executable).parent / "uv"
     say(f"bench: creating {VENV} with numpy from the package index")
     BENCH_DIR.mkdir(exist_ok=True)
     subprocess.run([str(uv), "venv", "-q", "--allow-existing", "--python", "/usr/bin/python3", str(VENV)], check=True)
-    subprocess.run([str(uv), "pip", "install", "-q", "--python", str(python), "numpy"], check=True)
+    # Compiled: uv does not write bytecode by default and the lab users cannot write
+    # __pycache__ here, so otherwise every job would compile numpy's modules again (an
+    # import 2x slower on both sides, and figures that depend on whether some earlier
+    # import as root happened to leave .pyc files behind).  pip compiles by default.
+    subprocess.run([str(uv), "pip", "install", "-q", "--compile-bytecode", "--reinstall", "--python", str(python),
+                    "numpy"], check=True)
     for p in (BENCH_DIR, *VENV.rglob("*")):  # lab users read it
-        if p.is_dir():
-            p.chmod(p.stat().st_mode | 0o755)
+        p.chmod(p.stat().st_mode | (0o755 if p.is_dir() else 0o444))
+    marker.touch()
     return python
 
 

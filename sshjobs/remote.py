@@ -13,19 +13,28 @@ descriptor 1 at stderr, so stray output from C code or subprocesses cannot corru
 
 import builtins
 import io
-import json
 import os
-import pickle
-import signal
 import struct
 import sys
-import threading
 import time
 import types
 
-try:  # the C queue: importing queue.py costs a worker start about 1.5 ms
+# A worker's start-up is mostly imports: the C modules behind pickle, signal, threading
+# and queue spare it pickle.py's and json's `re`, signal.py's `enum` and threading.py
+# (~7 ms of CPU per worker).  json is imported only where it is needed.
+try:
+    import _pickle as pickle
+except ImportError:  # pragma: no cover
+    import pickle
+try:
+    import _signal as signal
+except ImportError:  # pragma: no cover
+    import signal
+try:
+    import _thread
     from _queue import SimpleQueue
 except ImportError:  # pragma: no cover
+    import _thread
     from queue import SimpleQueue
 
 HEADER = struct.Struct("!BIQ")
@@ -52,18 +61,32 @@ STDOUT, STDERR = 1, 2
 OUTPUT_FLUSH = 64 * 1024  # stream job output in frames of about this size
 FLUSH_AFTER = 0.05  # seconds a finished result may wait in the buffer for company
 
-# The command-line bootstrap: a length line, then that many bytes of this module's source.
-# It reads fd 0 unbuffered so that no byte meant for the worker is read ahead and lost.
-STUB = """import os,sys,types
+# The command-line bootstrap: a line "LENGTH [KEY WORKDIR-IN-HEX]", then LENGTH bytes of
+# this module's source.  It reads fd 0 unbuffered so that no byte meant for the worker is
+# read ahead and lost.  With a KEY (a hash of the source) it runs the code object that an
+# earlier worker cached under WORKDIR/code (compiling the source costs ~3 ms of CPU), and
+# compiles the source when that file is missing, unreadable, not its user's own or writable
+# by others; main() writes it then.
+STUB = """import os,sys,types,marshal
 r=os.fdopen(0,'rb',0)
-n=int(r.readline())
+h=r.readline().split()
+n=int(h[0])
 b=bytearray()
 while len(b)<n:
  c=r.read(n-len(b))
  if not c:sys.exit(3)
  b+=c
 m=types.ModuleType('sshjobs_remote');sys.modules[m.__name__]=m
-exec(compile(bytes(b),'sshjobs_remote.py','exec'),m.__dict__);m.main()"""
+try:
+ p=os.path.join(os.path.expanduser(bytes.fromhex(h[2].decode()).decode()),'code','%s-%s-%x'%(h[1].decode(),sys.implementation.cache_tag,sys.hexversion))
+ with open(p,'rb') as f:
+  s=os.fstat(f.fileno())
+  if s.st_uid!=os.getuid() or s.st_mode&18:raise ValueError
+  c=marshal.load(f)
+ if type(c) is not types.CodeType:raise ValueError
+except Exception:
+ c=compile(bytes(b),'sshjobs_remote.py','exec');m.CODE_CACHE=len(h)>2 and(p,c)
+exec(c,m.__dict__);m.main()"""
 
 
 def pack(kind, job_id, payload=b""):
@@ -97,6 +120,74 @@ def _read_exact(stream, n):
             got += len(more)
         data = b"".join(parts)
     return data
+
+
+class _Flag(object):
+    """threading.Event's set() and wait(timeout) on a bare lock (no threading import)."""
+
+    def __init__(self):
+        self._lock = _thread.allocate_lock()
+        self._lock.acquire()
+
+    def set(self):
+        try:
+            self._lock.release()
+        except RuntimeError:  # set already
+            pass
+
+    def is_set(self):
+        if self._lock.acquire(False):
+            self._lock.release()
+            return True
+        return False
+
+    def wait(self, timeout):
+        if self._lock.acquire(True, timeout):
+            self._lock.release()
+            return True
+        return False
+
+
+def _config(payload):
+    """CONFIG: a pickled dict from the controller; JSON (older controllers, tests) too."""
+    if payload[:1] == b"{":
+        import json
+
+        return json.loads(payload.decode("utf-8"))
+    return pickle.loads(payload)
+
+
+def _json(value):
+    """JSON for HELLO's and FATAL's plain values (str, int, bool, None, lists, dicts of
+    them) without importing json, whose `re` costs every worker start ~2 ms.  Strings
+    come out ASCII, as json.dumps writes them."""
+    if value is None:
+        return "null"
+    if value is True or value is False:
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(int(value))
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, str):
+        out = []
+        for c in value:
+            o = ord(c)
+            if c == '"' or c == "\\":
+                out.append("\\" + c)
+            elif 0x20 <= o < 0x7F:
+                out.append(c)
+            elif o > 0xFFFF:
+                o -= 0x10000
+                out.append("\\u%04x\\u%04x" % (0xD800 | (o >> 10), 0xDC00 | (o & 0x3FF)))
+            else:
+                out.append("\\u%04x" % o)
+        return '"' + "".join(out) + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_json(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join("%s: %s" % (_json(str(k)), _json(v)) for k, v in value.items()) + "}"
+    return _json(str(value))
 
 
 def error_info(exc):
@@ -163,9 +254,9 @@ class Worker:
     def __init__(self, inp, out):
         self.inp = inp
         self.out = out
-        self.lock = threading.Lock()
+        self.lock = _thread.allocate_lock()
         self.jobs = SimpleQueue()
-        self.exiting = threading.Event()
+        self.exiting = _Flag()
         self.funcs = {}
         self.job_id = 0
         self.item = 0
@@ -218,7 +309,7 @@ class Worker:
         frame = read_frame(self.inp)
         if frame is None or frame[0] != CONFIG:
             raise SystemExit("sshjobs worker: expected a CONFIG frame")
-        config = json.loads(frame[2])
+        config = _config(frame[2])
         for key, value in (config.get("env") or {}).items():
             os.environ[key] = value
         # Each slot gets its share of the cores for BLAS/OpenMP unless told otherwise.
@@ -249,7 +340,8 @@ class Worker:
             "realpath": os.path.realpath(sys.executable),
             "index_env": _index_env(),
         }
-        self.send(HELLO, 0, json.dumps(hello).encode())
+        self.send(HELLO, 0, _json(hello).encode())
+        _cache_code(globals().get("CODE_CACHE"))
         if have != want:
             frame = read_frame(self.inp)
             if frame is None or frame[0] != MODULES:
@@ -593,6 +685,31 @@ def _load_from_sources(sources):
     return cloudpickle
 
 
+def _cache_code(cache):
+    """Write the worker's compiled code where the next worker's STUB looks for it (see
+    STUB): a private file, renamed into place whole, in the 0700 workdir."""
+    if not cache or not isinstance(cache, tuple):
+        return
+    path, code = cache
+    try:
+        import marshal
+
+        folder = os.path.dirname(path)
+        if not os.path.isdir(folder):
+            os.mkdir(folder, 0o700)
+        tmp = "%s.tmp-%d" % (path, os.getpid())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                marshal.dump(code, f)
+            os.rename(tmp, path)
+        except BaseException:
+            _remove(tmp)
+            raise
+    except Exception:
+        pass  # no cache (a read-only home, say): the next worker compiles again
+
+
 def _private_dir(path):
     """Create the workdir (parents as needed) and keep it mode 0700: everything sshjobs
     puts on a host lives below it, out of other users' reach."""
@@ -709,10 +826,10 @@ def main():
         worker.setup()
     except BaseException as exc:
         try:
-            worker.send(FATAL, 0, json.dumps(error_info(exc)).encode())
+            worker.send(FATAL, 0, _json(list(error_info(exc))).encode())
         finally:
             os._exit(1)
-    threading.Thread(target=worker.reader, name="sshjobs-reader", daemon=True).start()
+    _thread.start_new_thread(worker.reader, ())
     worker.run()
     worker.exiting.set()
     try:
@@ -734,6 +851,8 @@ def _index_env():
 # -- environments: what sshjobs.provisioning runs on the host ---------------------------
 # ``python3 -c PROVISION_STUB`` reads this module like the worker does, then one JSON
 # request from the rest of stdin, and prints one JSON reply on stdout.
+
+import json  # noqa: E402  (workers never get this part: see worker.WORKER_SOURCE_END)
 
 PROVISION_STUB = STUB.replace("m.main()", "m.provision()")
 ENV_MARKER = "sshjobs-env.json"  # present only in a complete environment

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import pickle
 import shlex
@@ -29,6 +30,8 @@ _FULL_SOURCE = Path(remote.__file__).read_bytes()
 _REMOTE_SOURCE = _FULL_SOURCE[:_FULL_SOURCE.find(WORKER_SOURCE_END)] + b"\n" \
     if WORKER_SOURCE_END in _FULL_SOURCE else _FULL_SOURCE
 _STUB_WORD = shlex.quote(remote.STUB)
+# The name of the source's compiled code in a host's workdir cache (see remote.STUB).
+_SOURCE_KEY = hashlib.sha256(_REMOTE_SOURCE).hexdigest()[:32].encode()
 _FUNC_CACHE = 1024  # functions a worker keeps; older ones are forgotten
 STDERR_TAIL = 64 * 1024
 MAX_OUTPUT = 16 * 1024 * 1024  # characters of a job's stdout (and of its stderr) kept
@@ -167,11 +170,12 @@ class Worker:
             raise WorkerError("HostLost", f"{self.host.target}: connection lost while starting a worker: {exc}") from None
         self.alive = True
         _, late = split_env(self.env)
-        config = {"cloudpickle": cloudpickle.__version__, "workdir": self.host.workdir, "slots": self.slots,
+        workdir = self.host.workdir or "~/.cache/sshjobs"
+        config = {"cloudpickle": cloudpickle.__version__, "workdir": workdir, "slots": self.slots,
                   "env": late}
         try:
-            self._chan.write(b"%d\n" % len(_REMOTE_SOURCE) + _REMOTE_SOURCE
-                             + remote.pack(remote.CONFIG, 0, json.dumps(config).encode()))
+            self._chan.write(b"%d %s %s\n" % (len(_REMOTE_SOURCE), _SOURCE_KEY, workdir.encode().hex().encode())
+                             + _REMOTE_SOURCE + remote.pack(remote.CONFIG, 0, pickle.dumps(config, protocol=4)))
         except (BrokenPipeError, asyncssh.Error, OSError):
             pass  # it ended already (no such python, say): _lost() tells the hello why
         try:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import pickle
+import stat
 import subprocess
 import sys
 
@@ -107,3 +109,81 @@ def test_job_reading_stdin_cannot_eat_frames(worker):
         kind, got, body = remote.read_frame(worker.stdout)
         assert (kind, got) == (remote.RESULT, job)
         assert decode_results(body)[0][:2] == (True, "")
+
+
+def test_hello_json_without_the_json_module():
+    """HELLO and FATAL are written by remote._json (json's import costs every worker start):
+    the controller's json.loads must get back exactly what the worker had."""
+    odd = 'q"uote \\ back\nnew\ttab \x00 \x7f é € 😀 \udcff'
+    for value in ({"home": odd, "python": [3, 11, 2], "cpus": 2, "none": None, "flags": [True, False]},
+                  [odd, "Traceback (most recent call last):\n  ...", -1], {}, [], ""):
+        assert json.loads(remote._json(value)) == value
+
+
+def start_keyed(tmp_path, source=SOURCE):
+    """A worker started the way the controller starts one: with a cache key and the
+    workdir on the first line, and a pickled CONFIG."""
+    key = hashlib.sha256(source).hexdigest()[:32].encode()
+    wd = str(tmp_path / "wd")
+    proc = subprocess.Popen(["/usr/bin/python3", "-c", remote.STUB], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    config = {"cloudpickle": cloudpickle.__version__, "workdir": wd}
+    proc.stdin.write(b"%d %s %s\n" % (len(source), key, wd.encode().hex().encode()) + source
+                     + remote.pack(remote.CONFIG, 0, pickle.dumps(config, protocol=4)))
+    proc.stdin.flush()
+    kind, _, body = remote.read_frame(proc.stdout)
+    assert kind == remote.HELLO, body
+    hello = json.loads(body)
+    if hello["cloudpickle"] != cloudpickle.__version__:
+        sources = {f"cloudpickle/{p}": open(f"{cloudpickle.__path__[0]}/{p}").read()
+                   for p in ("__init__.py", "cloudpickle.py", "cloudpickle_fast.py")}
+        send(proc, remote.MODULES, 0, pickle.dumps(sources))
+    # it serves jobs
+    send(proc, remote.FUNC, 1, cloudpickle.dumps(lambda x: x * 3))
+    send(proc, remote.CALL, 2, remote.FID.pack(1) + pickle.dumps(((5,), {})))
+    kind, job, body = remote.read_frame(proc.stdout)
+    assert (kind, job) == (remote.RESULT, 2) and decode_results(body)[0][:2] == (True, 15)
+    proc.stdin.close()
+    assert proc.wait(timeout=10) == 0, proc.stderr.read()
+    proc.stdout.close()
+    proc.stderr.close()
+    return hello, tmp_path / "wd" / "code"
+
+
+def test_compiled_worker_is_cached_privately_and_used(tmp_path):
+    hello, code = start_keyed(tmp_path)
+    [cached] = code.iterdir()
+    assert stat.S_IMODE(code.stat().st_mode) == 0o700 and stat.S_IMODE(cached.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "wd").stat().st_mode) == 0o700
+    # the next worker runs the cached code, not the source it is sent: prove it with a
+    # cached variant that reports another platform
+    assert b'"platform": sys.platform' in SOURCE
+    variant = SOURCE.replace(b'"platform": sys.platform', b'"platform": "from-cache"')
+    cached.write_bytes(subprocess.run(
+        ["/usr/bin/python3", "-c", "import marshal,sys;sys.stdout.buffer.write(marshal.dumps("
+         "compile(sys.stdin.buffer.read(),'sshjobs_remote.py','exec')))"],
+        input=variant, capture_output=True, check=True).stdout)
+    assert start_keyed(tmp_path)[0]["platform"] == "from-cache"
+    assert hello["platform"] == sys.platform
+    # a cache file that others could have written is not trusted: compiled again, replaced
+    cached.chmod(0o622)
+    assert start_keyed(tmp_path)[0]["platform"] == sys.platform
+    assert stat.S_IMODE(cached.stat().st_mode) == 0o600
+
+
+def test_a_broken_code_cache_is_compiled_again(tmp_path):
+    _, code = start_keyed(tmp_path)
+    [cached] = code.iterdir()
+    for junk in (b"", b"\x00garbage", __import__("marshal").dumps("not code")):
+        cached.write_bytes(junk)
+        hello, _ = start_keyed(tmp_path)
+        assert hello["platform"] == sys.platform
+        assert cached.read_bytes() != junk  # and rewritten whole
+    assert [p.name for p in code.iterdir()] == [cached.name]  # no temporary files left
+
+
+def test_an_unwritable_code_cache_still_starts(tmp_path):
+    (tmp_path / "wd").mkdir(mode=0o700)
+    (tmp_path / "wd" / "code").write_text("a file where the cache directory would go")
+    for _ in range(2):
+        assert start_keyed(tmp_path)[0]["platform"] == sys.platform
