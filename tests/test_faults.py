@@ -185,6 +185,15 @@ def all_pids(user: str) -> list[int]:
     return [int(p) for p in out.split()]
 
 
+def sleep_if_user(victim):
+    """A job that hangs on the victim's host only and returns at once elsewhere."""
+    import pwd
+
+    if pwd.getpwuid(os.getuid()).pw_name == victim:
+        time.sleep(600)
+    return "done"
+
+
 def fast_keepalive(inv: Inventory, names: str, interval: float = 1.0) -> Inventory:
     return Inventory([replace(h, keepalive_interval=interval) for h in inv.select(names)])
 
@@ -193,15 +202,9 @@ def test_host_lost_mid_job_fails_with_hostlost_and_others_return(inv, lab, fault
     hosts = fast_keepalive(inv, "node07,node08,node09")
     victim = lab.hosts[6].user
 
-    def job(victim):
-        import pwd, os, time
-        if pwd.getpwuid(os.getuid()).pw_name == victim:
-            time.sleep(600)
-        return "done"
-
     async def go():
         async with hosts.connect() as cluster:
-            task = asyncio.create_task(cluster.gather(job, victim))
+            task = asyncio.create_task(cluster.gather(sleep_if_user, victim))
             await asyncio.sleep(1.0)
             t0 = time.monotonic()
             for pid in session_pids(victim):
@@ -252,15 +255,9 @@ def test_hung_host_is_detected_by_keepalive(inv, lab, faults):
     hosts = fast_keepalive(inv, "node08,node09,node10")
     victim = lab.hosts[7].user
 
-    def job(victim):
-        import pwd, os, time
-        if pwd.getpwuid(os.getuid()).pw_name == victim:
-            time.sleep(600)
-        return "done"
-
     async def go():
         async with hosts.connect() as cluster:
-            task = asyncio.create_task(cluster.gather(job, victim))
+            task = asyncio.create_task(cluster.gather(sleep_if_user, victim))
             await asyncio.sleep(1.0)
             stopped = all_pids(victim)
             for pid in stopped:
