@@ -217,10 +217,12 @@ class Cluster:
         return None
 
     async def replace_worker(self, state: HostState, slot: int, worker: Worker) -> None:
-        """Kill a worker (its job overran or is cancelled); the slot gets a new one on demand."""
+        """Kill a worker (its job overran or is cancelled); the slot gets a new one on demand.
+        The awaitable twin of ``discard_worker``, for callers already in a coroutine."""
         self.discard_worker(state, slot, worker)
 
     def discard_worker(self, state: HostState, slot: int, worker: Worker) -> None:
+        """Kill a worker now and free its slot; usable from callbacks (no task needed)."""
         worker.kill()
         if slot < len(state.workers) and state.workers[slot] is worker:
             state.workers[slot] = None
@@ -336,7 +338,7 @@ class Cluster:
             fut = worker.send(remote.CALL, fn_bytes, body)
             raw, outputs = await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
-            await self.replace_worker(state, slot, worker)
+            self.discard_worker(state, slot, worker)
             result = timeout_failure(state.name, timeout, index)
         except asyncio.CancelledError:
             # The caller gave up: the job must not run on unseen (nor keep the slot busy).
@@ -395,7 +397,7 @@ class Cluster:
                 try:
                     raw, outputs = await asyncio.wait_for(worker.send(remote.CALL, fn_bytes, ((), {})), timeout)
                 except asyncio.TimeoutError:
-                    await self.replace_worker(state, 0, worker)
+                    self.discard_worker(state, 0, worker)
                     return failure(state.name, "Timeout", f"no answer within {timeout:g}s", job=state.index)
                 except Exception as exc:
                     return worker_failure(worker, state.name, exc, state.index)
@@ -479,7 +481,7 @@ class _Call:
     def kill(self) -> None:
         worker, state = self.worker, self.worker.state
         slot = state.workers.index(worker) if worker in state.workers else len(state.workers)
-        asyncio.ensure_future(self.cluster.replace_worker(state, slot, worker))
+        self.cluster.discard_worker(state, slot, worker)
 
     def done(self, f: asyncio.Future) -> None:
         if self.timer is not None:

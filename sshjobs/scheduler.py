@@ -359,7 +359,7 @@ class MapRun:
                     fut.cancel()
                     self.cluster._emit_done(state.name, self.results[start:end])
                 inflight.clear()
-                await self.cluster.replace_worker(state, slot, worker)
+                self.cluster.discard_worker(state, slot, worker)
                 self.wake.set()
                 continue
             for fut in done:
