@@ -1,6 +1,8 @@
 """One cold run in a process of its own: connect, run one job per host, close.
 
-``python -m bench.cold {sshjobs|baseline} {eigen|noop} INVENTORY HOSTS`` prints one JSON
+``python -m bench.cold {sshjobs|sshjobs-connect|baseline} {eigen|noop} INVENTORY HOSTS``
+(sshjobs: the one-shot ``inv.map``/``inv.gather``; sshjobs-connect: ``async with
+inv.connect()``, which waits for every host before the first job) prints one JSON
 line: seconds from the first connect to the last result (after imports, before exit,
 connections closed), and the process's peak RSS (VmHWM).
 """
@@ -21,7 +23,15 @@ def load(path: str, hosts: int):
     return Inventory(inv.hosts[:hosts], source=inv.source)
 
 
-async def run_sshjobs(inv, job: str):
+def run_oneshot(inv, job: str):
+    from . import jobs
+
+    t0 = time.perf_counter()
+    results = inv.map(jobs.eigen, range(len(inv))) if job == "eigen" else inv.gather(jobs.noop)
+    return checked(time.perf_counter() - t0, results)
+
+
+async def run_connect(inv, job: str):
     from . import jobs
 
     t0 = time.perf_counter()
@@ -30,7 +40,10 @@ async def run_sshjobs(inv, job: str):
             results = await cluster.map(jobs.eigen, range(len(inv)))
         else:
             results = await cluster.gather(jobs.noop)
-    seconds = time.perf_counter() - t0
+    return checked(time.perf_counter() - t0, results)
+
+
+def checked(seconds, results):
     bad = [r for r in results if not r.ok]
     if bad:
         raise SystemExit(f"sshjobs: {len(bad)} jobs failed: {bad[0].error}")
@@ -56,8 +69,10 @@ def main(argv: list[str]) -> None:
     import sshjobs.api  # noqa: F401
 
     inv = load(path, hosts)
-    fn = run_sshjobs if tool == "sshjobs" else run_baseline
-    seconds, values = asyncio.run(fn(inv, job))
+    if tool == "sshjobs":
+        seconds, values = run_oneshot(inv, job)
+    else:
+        seconds, values = asyncio.run((run_connect if tool == "sshjobs-connect" else run_baseline)(inv, job))
     print(json.dumps({"seconds": seconds, "rss_mb": peak_rss_mb(), "values": values}))
 
 

@@ -229,8 +229,12 @@ def run_jobs(inv: Inventory, opts: Options, work: Callable[[Cluster], Awaitable[
 
     async def go() -> list[Result]:
         with progress:
-            async with Cluster(inv, on_event=progress.event, **options) as cluster:
+            # Not `async with`: gather and map send each host its jobs as soon as it is up.
+            cluster = Cluster(inv, on_event=progress.event, **options)
+            try:
                 return await work(cluster)
+            finally:
+                await cluster.close()
 
     t0 = time.perf_counter()
     results = _run(go())

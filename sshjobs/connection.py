@@ -147,6 +147,31 @@ def describe_error(host: Host, exc: BaseException) -> ConnectError:
     return ConnectError("ConnectionError", f"{target}: {type(exc).__name__}: {exc}")
 
 
+def quick_acks(conn: asyncssh.SSHClientConnection) -> None:
+    """Acknowledge the server's packets at once rather than after Linux's 40 ms delayed ACK.
+
+    sshd leaves Nagle's algorithm on for sessions without a pty, so a small packet it sends
+    while an earlier one is unacknowledged waits for that ACK; with the client delaying its
+    ACKs, that cost 40 ms per connection at the first channel open (measured: 44 -> 4 ms), and
+    as much again wherever a worker's small reply follows another.  TCP_QUICKACK does not
+    stick (the kernel drops back to delayed ACKs), so it is set again after each read."""
+    option = getattr(socket, "TCP_QUICKACK", None)
+    sock = conn.get_extra_info("socket")
+    if option is None or sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    setsockopt = sock.setsockopt
+    received = conn.data_received  # bound method: the transport calls the instance's attribute
+
+    def data_received(data, datatype=None):
+        received(data, datatype)
+        try:
+            setsockopt(socket.IPPROTO_TCP, option, 1)
+        except OSError:
+            pass
+
+    conn.data_received = data_received
+
+
 async def open_connection(host: Host, attempts: int = 4) -> asyncssh.SSHClientConnection:
     """Connect and log in; a dropped connect (MaxStartups) is retried with backoff."""
     opts = connect_options(host)
@@ -170,6 +195,7 @@ async def open_connection(host: Host, attempts: int = 4) -> asyncssh.SSHClientCo
             conn = await asyncio.wait_for(
                 asyncssh.connect(host.address, **opts), timeout=host.connect_timeout + 1
             )
+            quick_acks(conn)
             if seen is not None and seen["new_key"] is not None:
                 try:
                     record_host_key(host, seen["new_key"])

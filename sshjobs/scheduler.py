@@ -286,15 +286,19 @@ class MapRun:
         n = len(self.items)
         if n == 0:
             return []
-        workers = [w for w in self.cluster.live_workers() if w.state is None or w.state.index not in self.exclude]
-        size = self.chunksize or (1 if self.timeout else chunk_size(n, max(1, len(workers))))
+        hosts = [s for s in self.cluster.states if s.index not in self.exclude]
+        # Hosts still starting count with their inventory's slots ("auto" hosts are started).
+        nslots = sum(s.nslots if s.opening is None or s.opening.done() else int(s.host.slots)
+                     for s in hosts if s.error is None)
+        size = self.chunksize or (1 if self.timeout else chunk_size(n, max(1, nslots)))
         for start in range(0, n, size):
             self.queue.append((start, min(n, start + size), 1, False))
         # Few jobs: one pump must not take several while other slots stay idle.
-        slots = [(state, slot) for state, slot in self.cluster.slots() if state.index not in self.exclude]
-        self.depth = max(1, min(self.depth, -(-len(self.queue) // max(1, len(slots)))))
-        # Pumps for every slot of every usable host; a pump whose worker dies replaces it.
-        pumps = [asyncio.create_task(self.pump(state, slot)) for state, slot in slots]
+        self.depth = max(1, min(self.depth, -(-len(self.queue) // max(1, nslots))))
+        self.finished = asyncio.Event()
+        # A pump per host: its slots' pumps start when the host is up; a pump whose worker
+        # dies replaces it.
+        pumps = [asyncio.create_task(self.host_pump(state)) for state in hosts]
         try:
             await asyncio.gather(*pumps)
         finally:
@@ -302,6 +306,24 @@ class MapRun:
                 p.cancel()
         self.fail_rest()
         return self.results  # type: ignore[return-value]
+
+    async def host_pump(self, state) -> None:
+        if state.opening is not None and not state.opening.done():
+            # Wait for the host, unless the others finish every item first.
+            up = asyncio.ensure_future(self.cluster.ready(state))
+            finished = asyncio.ensure_future(self.finished.wait())
+            try:
+                await asyncio.wait((up, finished), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                finished.cancel()
+                up.cancel()  # the host's start goes on (shielded); this map does not wait
+            if not up.done() or up.cancelled() or up.exception() is not None:
+                return
+        if not state.usable:
+            if state.error is not None and self.last_error is None:
+                self.last_error = state.failure()
+            return
+        await asyncio.gather(*(self.pump(state, slot) for slot in range(state.nslots)))
 
     def fail_rest(self) -> None:
         for i, r in enumerate(self.results):
@@ -330,6 +352,8 @@ class MapRun:
         while True:
             worker = await self.cluster.worker_for(state, slot)
             if worker is None:  # the host is gone; others take the work
+                if state.error is not None and self.last_error is None:
+                    self.last_error = state.failure()
                 break
             while self.queue and len(inflight) < self.depth and worker.alive:
                 if inflight and (self.queue[0][3] or any(job[4] for job in inflight.values())):
@@ -344,6 +368,7 @@ class MapRun:
                         break
             if not inflight:
                 if not self.queue and self.outstanding == 0:
+                    self.finished.set()
                     break
                 # Others still hold work that may come back for a retry.
                 self.wake.clear()

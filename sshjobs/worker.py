@@ -395,6 +395,7 @@ class Worker:
             err = WorkerError("HostLost", f"{self.host.target}: connection lost: {exc}")
         if self._hello and not self._hello.done():
             self._hello.set_exception(err)
+            self._hello.exception()  # retrieved: nobody waits for it when the start was cancelled
         pending, self.pending = self.pending, {}
         for fut in pending.values():
             if not fut.done():

@@ -35,12 +35,19 @@ def test_gather_runs_once_per_host_as_each_hosts_user(inv, lab):
 
 
 def test_map_1000_items_in_input_order(inv):
-    results = inv.map(lambda x: x * x, range(1000))
+    def square(x):
+        time.sleep(0.002)  # about 2 s of work for one host: the others join as they come up
+        return x * x
+
+    results = inv.map(square, range(1000))
     assert len(results) == 1000
     assert [r.value for r in results] == [x * x for x in range(1000)]
     assert [r.job for r in results] == list(range(1000))
-    # load-balanced: more than one host took part
+    # load-balanced: hosts take items as they come up, so more than one took part
     assert len({r.host for r in results}) > 1
+
+
+
 
 
 def test_closures_capture_locals(inv):
@@ -164,6 +171,19 @@ def test_unreachable_host_fails_within_connect_timeout_and_others_arrive(inv, si
     assert results[5].error.type == "ConnectTimeout"
     assert "2s" in results[5].error.message
     assert [r.value for i, r in enumerate(results) if i != 5] == ["up"] * 9
+
+
+def test_one_shot_map_does_not_wait_for_a_silent_host(inv, silent_server):
+    # The others finish every item while one host's connect hangs (5 s timeout): a one-shot
+    # map returns without it, where `async with` would have waited for its timeout.
+    dead = Host("blackhole", address="127.0.0.1", port=silent_server, connect_timeout=5,
+                user="nobody", known_hosts=inv.hosts[0].known_hosts)
+    t0 = time.monotonic()
+    results = Inventory([dead, *inv.hosts[:2]]).map(lambda x: x + 1, range(20))
+    elapsed = time.monotonic() - t0
+    assert [r.value for r in results] == list(range(1, 21))
+    assert {r.host for r in results} <= {inv.hosts[0].name, inv.hosts[1].name}
+    assert elapsed < 4, elapsed
 
 
 def test_refused_connection_is_reported_per_host(inv):
