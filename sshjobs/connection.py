@@ -65,8 +65,38 @@ def connect_options(host: Host) -> dict:
     if host.host_key_checking is False:
         opts["known_hosts"] = None
     elif host.known_hosts:
-        opts["known_hosts"] = host.known_hosts
+        opts["known_hosts"] = parsed_known_hosts(host.known_hosts)
+    elif not os.path.exists(os.path.expanduser("~/.ssh/config")):
+        # what asyncssh would read (with an ssh config, UserKnownHostsFile may say otherwise)
+        default = os.path.expanduser("~/.ssh/known_hosts")
+        if os.path.isfile(default) and os.access(default, os.R_OK):
+            opts["known_hosts"] = parsed_known_hosts(default)
     return opts
+
+
+_KNOWN_HOSTS: dict[str, tuple[bytes, object]] = {}
+
+
+def parsed_known_hosts(path: str):
+    """A known_hosts file parsed once per process while its content is unchanged.  Given the
+    file's name, asyncssh parses it again for every connection: with 100 hosts listed, that
+    was 10,000 keys decoded, 0.3 s of the controller's CPU, to connect to 100 hosts.  The
+    file is still read every time (its content, not its mtime, decides), so an edit counts
+    at the next connect."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return path  # asyncssh reports the file as it always has
+    hit = _KNOWN_HOSTS.get(path)
+    if hit is not None and hit[0] == data:
+        return hit[1]
+    try:
+        parsed = asyncssh.import_known_hosts(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, asyncssh.Error):
+        return path
+    _KNOWN_HOSTS[path] = (data, parsed)
+    return parsed
 
 
 def known_hosts_path(host: Host) -> str:
@@ -104,7 +134,7 @@ def accept_new_options(host: Host) -> tuple[dict, dict]:
     def match(name, addr, port):
         if not os.path.exists(path):
             return [], [], []
-        found = asyncssh.match_known_hosts(path, name, addr, port)
+        found = asyncssh.match_known_hosts(parsed_known_hosts(path), name, addr, port)
         seen["known"] = any(found)
         return found
 
