@@ -435,4 +435,6 @@ def test_a_build_waits_for_the_hosts_lock(lab, workdir, root):
     assert waiting  # node01's build waited for the lock
     assert all(r.ok for r in results), [r.error for r in results]
     assert results[0].value["hash"] == h and results[0].duration >= 3.0
-    assert results[1].duration < 3.0  # node02 was not held up
+    # node02 was not held up: it built while node01 waited (no fixed bound: under load a
+    # build alone can take 3 s)
+    assert results[1].duration < results[0].duration

@@ -1,6 +1,6 @@
 """Benchmark: installing environments on a 10-host lab (cold, uv already there, no-op).
 
-    python benchmarks/install.py [--subnet 3] [--hosts 10] [--requirements numpy]
+    python -m bench.install [--subnet 3] [--hosts 10] [--requirements numpy]
 
 Each run uses a fresh workdir on the hosts (no environment, no uv); the lab users' uv
 caches (~/.cache/uv) are left as they are, so "cold" means a cold environment, with
@@ -14,17 +14,13 @@ import asyncio
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 import uuid
 from dataclasses import replace
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from sshjobs import Inventory  # noqa: E402
-from sshjobs.lab import Lab  # noqa: E402
+from sshjobs import Inventory
+from sshjobs.lab import Lab
 
 
 async def run(inv: Inventory, reqs: list[str]) -> dict:
