@@ -96,6 +96,30 @@ def test_call_and_map_and_output_over_a_pipe(worker, tmp_path):
     assert (tmp_path / "wd" / "lib" / f"cloudpickle-{cloudpickle.__version__}" / "cloudpickle").is_dir()
 
 
+def test_jobs_see_the_real_functools(worker):
+    # The worker loads _pickle with a stand-in functools (see remote._import_pickle); a job
+    # importing functools must get the real module, and pickling partials must work.
+    def job():
+        import functools
+        import sys
+
+        cached = functools.lru_cache(maxsize=None)(lambda x: x + 1)
+        return (sys.modules["functools"] is functools, cached(1), functools.reduce(int.__add__, [1, 2, 3]),
+                functools.partial(pow, 2)(5), type(functools.partial(pow, 2)).__module__)
+
+    send(worker, remote.FUNC, 1, cloudpickle.dumps(job))
+    send(worker, remote.CALL, 1, remote.FID.pack(1) + pickle.dumps(((), {})))
+    kind, _, body = remote.read_frame(worker.stdout)
+    [(ok, value, out, err, took)] = decode_results(body)
+    assert ok, value
+    assert value == (True, 2, 6, 32, "functools")
+    send(worker, remote.FUNC, 2, cloudpickle.dumps(lambda: __import__("functools").partial(max, 3)))
+    send(worker, remote.CALL, 2, remote.FID.pack(2) + pickle.dumps(((), {})))
+    kind, _, body = remote.read_frame(worker.stdout)
+    [(ok, value, out, err, took)] = decode_results(body)
+    assert ok and value(7) == 7 and value(1) == 3  # a partial pickled by the host, loaded here
+
+
 def test_worker_exits_at_end_of_input(worker):
     worker.stdin.close()
     assert worker.wait(timeout=5) == 0
