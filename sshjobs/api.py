@@ -131,14 +131,15 @@ class Cluster:
         self._begin()
         # Every caller waits for the same start: one arriving while it runs (a submit
         # made before the first await) must not see a cluster with no workers yet.
-        await asyncio.shield(self._start_task)
+        if self._start_task is not None:
+            await asyncio.shield(self._start_task)
         return self
 
     def _begin(self) -> None:
         """Start connecting every host, without waiting.  ``gather`` and ``map`` on a Cluster
         not started yet (the one-shot ``Inventory.gather``/``map``, the CLI) send a host its
         jobs as soon as that host is up rather than after the slowest host."""
-        if self._start_task is None:
+        if self._start_task is None and not self._closed:
             self._started = True
             sem = asyncio.Semaphore(self.connect_concurrency)
             for state in self.states:
@@ -150,7 +151,8 @@ class Cluster:
     async def ready(self, state: HostState) -> bool:
         """Wait until one host is connected with its first worker up (or has failed)."""
         self._begin()
-        await asyncio.shield(state.opening)
+        if state.opening is not None:  # None: closed before it ever started
+            await asyncio.shield(state.opening)
         return state.usable
 
     async def _open(self, state: HostState, sem: asyncio.Semaphore) -> None:
