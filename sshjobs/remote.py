@@ -181,17 +181,19 @@ class Parts(object):
         self.keep = keep
 
     def write(self, data):
-        plain = type(data) is bytes
-        n = len(data) if plain else memoryview(data).nbytes
+        if type(data) is bytes:
+            n = len(data)
+        else:
+            view = memoryview(data)
+            n = view.nbytes
+            # by reference only where it may be and can be written as it is; else a copy
+            # in memory order (what the pickler would have copied into its own buffer)
+            data = view if self.keep and n >= OOB_MIN and view.c_contiguous else view.tobytes("A")
         if n >= OOB_MIN and self.parts:
             kind = self._payload_kind(n)
             if kind:
-                if not (plain or self.keep):
-                    data = memoryview(data).tobytes()
                 self.buffers.append((kind, data))
                 return n
-        if not plain and (n < OOB_MIN or not self.keep):
-            data = memoryview(data).tobytes()
         self.parts.append(data)
         self.size += n
         return n

@@ -26,7 +26,7 @@ def parts_of(value, keep=True):
 
 def received(buffers):
     """The buffers as a receiver makes them from BYTES and BYTEARRAY frames."""
-    return [bytearray(b) if kind == remote.BYTEARRAY else b for kind, b in buffers]
+    return [bytearray(b) if kind == remote.BYTEARRAY else bytes(b) for kind, b in buffers]
 
 
 def result_body(*values):
@@ -36,7 +36,7 @@ def result_body(*values):
         p = parts_of(v)
         meta.append((True, "", "", 0.0, p.size, len(p.buffers)))
         blobs.append(p.data())
-        buffers += [b for _, b in p.buffers]
+        buffers += received(p.buffers)
     head = pickle.dumps(meta, protocol=4)
     return remote.META_LEN.pack(len(head)) + head + b"".join(blobs), buffers
 
@@ -56,9 +56,9 @@ def test_big_payloads_leave_the_pickle_and_come_back_as_the_same_objects():
              "text": "t" * (2 * MB), "nested": [(1, data), [arr]]}
     out = parts_of(value)
     assert [k for k, _ in out.buffers] == [remote.BYTES, remote.BYTEARRAY]
-    assert out.buffers[0][1] is data and out.buffers[1][1] is arr  # by reference: no copy
+    assert out.buffers[0][1] is data and out.buffers[1][1].obj is arr  # by reference: no copy
     assert out.size < 2 * MB + 200_000  # the text and the small ones stay in band
-    got = pickle.loads(out.data(), buffers=[b for _, b in out.buffers])
+    got = pickle.loads(out.data(), buffers=received(out.buffers))
     assert got == value
     assert got["b"] is got["again"] is got["nested"][0][1] and got["ba"] is got["nested"][1][0]
     assert type(got["ba"]) is bytearray
@@ -119,7 +119,24 @@ def test_safe_results_still_refuses_a_forbidden_type_inside_a_big_result():
     assert not os.path.exists("/tmp/sshjobs-never-big")
     with pytest.raises(RefusedType):
         out = parts_of([big, Sneaky("/tmp/sshjobs-never-big")])
-        make_loads()(out.data(), buffers=[b for _, b in out.buffers])
+        make_loads()(out.data(), buffers=received(out.buffers))
+
+
+def test_numpy_arrays_go_out_of_band_in_memory_order_and_keep_their_flags():
+    np = pytest.importorskip("numpy")
+    readonly = np.arange(100_000.0)
+    readonly.flags.writeable = False
+    grid = np.arange(200_000.0).reshape(400, 500)
+    arrays = [np.arange(100_000.0), np.asfortranarray(grid), grid[:, ::2], readonly, np.arange(10)]
+    for keep in (True, False):  # the worker's way and the controller's
+        for a in arrays:
+            out = parts_of(a, keep)
+            assert len(out.buffers) == (a.nbytes >= remote.OOB_MIN) and out.size < 1000
+            for loads in (pickle.loads, make_loads()):
+                got = loads(out.data(), buffers=received(out.buffers))
+                assert np.array_equal(got, a) and got.dtype == a.dtype
+                assert got.flags.writeable == a.flags.writeable
+                assert got.flags.f_contiguous == a.flags.f_contiguous
 
 
 # -- against the lab ---------------------------------------------------------------------
