@@ -428,28 +428,29 @@ class Worker:
 
 _PLAIN = frozenset({int, float, str, bytes, bool, type(None), complex, bytearray})
 _BUFFERS = frozenset({bytes, bytearray})
-NOT_PLAIN, PLAIN, PLAIN_BIG = 0, 1, 2  # PLAIN_BIG: plain data holding a payload for out of band
+# What _plain() finds, as bits: plain data; a payload big enough for out of band; not plain.
+PLAIN, BIG, NOT_PLAIN = 0, 1, 2
 
 
-def _big(values, types) -> bool:
-    return not types.isdisjoint(_BUFFERS) and any([len(v) >= remote.OOB_MIN for v in values
-                                                   if type(v) in _BUFFERS])
+def _big(values) -> int:
+    return BIG if any([len(v) >= remote.OOB_MIN for v in values if type(v) in _BUFFERS]) else PLAIN
 
 
 def _plain(obj) -> int:
     t = type(obj)
     if t in _PLAIN:
-        return PLAIN_BIG if t in _BUFFERS and len(obj) >= remote.OOB_MIN else PLAIN
+        return BIG if t in _BUFFERS and len(obj) >= remote.OOB_MIN else PLAIN
     if t in (tuple, list):
         types = set(map(type, obj))
         if not _PLAIN.issuperset(types):
             return NOT_PLAIN
-        return PLAIN_BIG if _big(obj, types) else PLAIN
+        return PLAIN if types.isdisjoint(_BUFFERS) else _big(obj)
     if t is dict:
         keys, values = set(map(type, obj)), set(map(type, obj.values()))
         if not (_PLAIN.issuperset(keys) and _PLAIN.issuperset(values)):
             return NOT_PLAIN
-        return PLAIN_BIG if _big(obj, keys) or _big(obj.values(), values) else PLAIN
+        return (PLAIN if keys.isdisjoint(_BUFFERS) else _big(obj)) | \
+            (PLAIN if values.isdisjoint(_BUFFERS) else _big(obj.values()))
     return NOT_PLAIN
 
 
@@ -469,11 +470,13 @@ def dumps(obj: tuple) -> bytes | Pickled:
     ships functions and classes of the controller's __main__ by value.  Payloads of
     remote.OOB_MIN bytes or more leave the pickle (see remote.Parts): a bytes argument is
     sent from its own memory, a mutable one (bytearray, numpy array) from a copy taken now."""
-    kinds = set(map(_plain, obj))
-    if kinds == {PLAIN} or not kinds:
+    found = PLAIN
+    for x in obj:
+        found |= _plain(x)
+    if found == PLAIN:
         return pickle.dumps(obj, protocol=5)
     out = remote.Parts(False)
-    (cloudpickle.Pickler if NOT_PLAIN in kinds else pickle.Pickler)(out, protocol=5).dump(obj)
+    (cloudpickle.Pickler if found & NOT_PLAIN else pickle.Pickler)(out, protocol=5).dump(obj)
     return Pickled(out.data(), out.buffers) if out.buffers else out.data()
 
 
