@@ -16,7 +16,8 @@ carries a NEXT_BUFFER opcode in its place, and the buffer itself goes raw in a `
 or ``BYTEARRAY`` frame of the same job id just before the job's CALL, MAP or RESULT frame
 (see ``Parts``).  The receiver makes each such frame the final bytes or bytearray as it
 arrives and hands the job's buffers, in order, to the unpickler (``buffers=``): a 200 MB
-value is neither copied into a pickle by the sender nor out of one by the receiver.
+value is neither copied into a pickle by the sender nor out of one by the receiver (the
+controller copies a mutable argument once, when it is submitted).
 """
 
 import builtins
