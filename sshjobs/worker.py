@@ -356,6 +356,8 @@ class Worker:
                 if not fut.done():
                     fut.set_result((body, out))
         elif kind == remote.BYTES or kind == remote.BYTEARRAY:
+            if job_id not in self.pending:
+                return  # nobody waits for it (or a broken host): not kept until the worker ends
             buffers = self._oob.get(job_id)
             if buffers is None:
                 self._oob[job_id] = [body]
