@@ -195,6 +195,24 @@ def test_safe_results_refuses_a_forbidden_type_inside_a_big_result_from_a_host(i
     assert not os.path.exists(target)
 
 
+def test_a_big_result_that_does_not_unpickle_fails_alone_and_the_next_values_are_intact(inv):
+    def results(n):
+        import os
+
+        class Bad:  # pickles fine on the host, raises when the controller unpickles it
+            def __reduce__(self):
+                return (int, ("not a number",))
+
+        print("per-item results")  # output: each value gets its own pickle and buffers
+        return [os.urandom(n), Bad()] if n else os.urandom(2 * 1024 * 1024)
+
+    out = inv.select("node04").map(results, [3 * MB, 0, 0], chunksize=3)
+    assert not out[0].ok and out[0].error.type == "UnpicklableResult", out[0]
+    assert "ValueError" in out[0].error.message
+    assert out[1].ok and out[2].ok and len(out[1].value) == len(out[2].value) == 2 * MB
+    assert out[1].value != out[2].value and out[1].stdout == "per-item results\n"
+
+
 def test_worker_killed_halfway_through_a_big_result_fails_the_job_without_a_hang(inv, monkeypatch, faults):
     """The host's worker dies while its 100 MB result is on the way: WorkerLost, the half
     received buffer is dropped, and the host takes the next job on a new worker."""
