@@ -9,6 +9,15 @@ Wire format, both directions: frames of ``HEADER`` (type, job id, payload length
 followed by the payload.  Nothing else is ever written to the protocol stream: the
 worker moves the real stdout away before running anything and points file
 descriptor 1 at stderr, so stray output from C code or subprocesses cannot corrupt it.
+
+Big payloads travel out of band, both ways: a pickle (protocol 5) of a value holding a
+bytes, bytearray or contiguous buffer (a numpy array, say) of ``OOB_MIN`` bytes or more
+carries a NEXT_BUFFER opcode in its place, and the buffer itself goes raw in a ``BYTES``
+or ``BYTEARRAY`` frame of the same job id just before the job's CALL, MAP or RESULT frame
+(see ``Parts``).  The receiver makes each such frame the final bytes or bytearray as it
+arrives and hands the job's buffers, in order, to the unpickler (``buffers=``): a 200 MB
+value is neither copied into a pickle by the sender nor out of one by the receiver (the
+controller copies a mutable argument once, when it is submitted).
 """
 
 import builtins
@@ -61,6 +70,7 @@ except ImportError:  # pragma: no cover
     from queue import SimpleQueue
 
 HEADER = struct.Struct("!BIQ")
+_ATOMS = frozenset({int, float, bool, type(None), complex})  # values pickled without a Pickler
 
 # controller -> worker
 CONFIG = 1  # JSON: {"cloudpickle": version, "workdir": path, "env": {...}}
@@ -71,12 +81,19 @@ MAP = 5  # FID + pickled (items,): one result per item
 SHUTDOWN = 6
 # worker -> controller
 HELLO = 10  # JSON facts about the host and worker
-RESULT = 11  # META_LEN + pickled meta + pickled value
+RESULT = 11  # META_LEN + pickled meta + the pickled values, one after the other
 OUTPUT = 12  # payload: OUTPUT_HEAD (stream 1 stdout / 2 stderr, item) + utf-8 text
 FATAL = 13  # JSON: the worker cannot go on
+# both ways: one out-of-band buffer of the job's next CALL, MAP or RESULT frame, raw
+BYTES = 14  # the receiver makes it a bytes
+BYTEARRAY = 15  # ... a bytearray (it stood for a bytearray or a writable buffer)
+OOB_MIN = 64 * 1024  # payloads this big leave the pickle (= pickle's own frame size)
 
 META_LEN = struct.Struct("!I")
-ALL_OK = "all-ok"  # RESULT meta (ALL_OK, durations): one pickled list holds every value
+# RESULT meta: a list of (ok, stdout, stderr, duration, size of the value's pickle, number
+# of out-of-band buffers it takes), one per item; or (ALL_OK, durations): one pickled
+# list holds every value (and takes all of the job's buffers).
+ALL_OK = "all-ok"
 FID = struct.Struct("!I")  # the function id that starts a CALL or MAP payload (the rest is
 # pickled on its own, so the controller pickles an argument once for every host)
 OUTPUT_HEAD = struct.Struct("!BI")  # stream, index of the item within a MAP job
@@ -117,15 +134,32 @@ def pack(kind, job_id, payload=b""):
 
 
 def read_frame(stream):
-    """Read one frame from a binary stream; None at end of stream."""
+    """Read one frame from a binary stream; None at end of stream.  A BYTEARRAY frame's
+    payload is read straight into a bytearray, any other into one bytes object."""
     head = _read_exact(stream, HEADER.size)
     if head is None:
         return None
     kind, job_id, size = HEADER.unpack(head)
-    payload = _read_exact(stream, size) if size else b""
+    if kind == BYTEARRAY:
+        payload = _read_bytearray(stream, size)
+    else:
+        payload = _read_exact(stream, size) if size else b""
     if payload is None:
         return None
     return kind, job_id, payload
+
+
+def _read_bytearray(stream, n):
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        more = stream.readinto(view[got:])
+        if not more:
+            return None
+        got += more
+    view.release()
+    return buf
 
 
 def _read_exact(stream, n):
@@ -143,6 +177,82 @@ def _read_exact(stream, n):
             got += len(more)
         data = b"".join(parts)
     return data
+
+
+_PAYLOAD_HEADS = {0x42: (5, BYTES), 0x8E: (9, BYTES), 0x96: (9, BYTEARRAY)}  # BINBYTES, BINBYTES8, BYTEARRAY8
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+class Parts(object):
+    """The file a protocol-5 pickler writes to: it keeps the pieces instead of joining
+    them, and takes big payloads out of band.
+
+    The C pickler writes a bytes or bytearray payload of 64 KiB or more (a buffer such as
+    a numpy array's too) as the object itself, in a write of its own, right after flushing
+    its buffer, which then ends with the payload's opcode and length.  When a write is such
+    a payload of OOB_MIN bytes or more, that opcode becomes NEXT_BUFFER (+ READONLY_BUFFER
+    for bytes) and the payload goes to ``buffers`` as (BYTES or BYTEARRAY, object): the
+    receiver gets it as a frame of its own and passes it to the unpickler (``buffers=``),
+    which puts that very object in the value.  Anything else stays in ``parts``.
+    ``keep``: keep mutable payloads by reference; the controller copies them (the caller
+    may change a bytearray or an array after submitting it), the worker does not."""
+
+    def __init__(self, keep):
+        self.parts = []  # the in-band pickle, in pieces
+        self.size = 0
+        self.buffers = []  # out-of-band, in the order the pickle takes them
+        self.keep = keep
+
+    def write(self, data):
+        if type(data) is bytes:
+            n = len(data)
+        else:
+            view = memoryview(data)
+            n = view.nbytes
+            # by reference only where it may be and can be written as it is; else a copy
+            # in memory order (what the pickler would have copied into its own buffer)
+            data = view if self.keep and n >= OOB_MIN and view.c_contiguous else view.tobytes("A")
+        if n >= OOB_MIN and self.parts:
+            kind = self._payload_kind(n)
+            if kind:
+                self.buffers.append((kind, data))
+                return n
+        self.parts.append(data)
+        self.size += n
+        return n
+
+    def _payload_kind(self, n):
+        """BYTES or BYTEARRAY if the last piece ends with the opcode of an n-byte payload
+        (which it then trades for NEXT_BUFFER), else 0.  The piece is parsed from its
+        start, so that data that merely looks like such an opcode is never taken for one:
+        [PROTO] [FRAME length frame | up to 3 unframed bytes] opcode length."""
+        parts = self.parts
+        p = parts[-1]
+        if type(p) is not bytes:
+            return 0
+        i = 2 if len(parts) == 1 and p[:1] == b"\x80" else 0
+        framed = p[i:i + 1] == b"\x95"
+        if framed:
+            if len(p) < i + 9:
+                return 0
+            i += 9 + _U64.unpack_from(p, i + 1)[0]
+        for hlen, length in ((5, _U32), (9, _U64)):
+            extra = len(p) - hlen - i
+            if extra < 0 or extra > (0 if framed else 3):
+                continue
+            head = _PAYLOAD_HEADS.get(p[len(p) - hlen])
+            if head is None or head[0] != hlen or length.unpack_from(p, len(p) - hlen + 1)[0] != n:
+                continue
+            kind = head[1]
+            parts[-1] = p[:len(p) - hlen] + (b"\x97\x98" if kind == BYTES else b"\x97")
+            self.size += len(parts[-1]) - len(p)
+            return kind
+        return 0
+
+    def data(self):
+        """The in-band pickle as one bytes (it is small once the payloads are out)."""
+        return self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
 
 
 class _Flag(object):
@@ -299,24 +409,39 @@ class Worker:
             self.send(OUTPUT, self.job_id, OUTPUT_HEAD.pack(stream, self.item) + text.encode("utf-8", "replace"))
 
     def dumps(self, value):
+        """A value's pickle as Parts: big payloads out of band, by reference (they are
+        written straight from the value's own memory), the rest in pieces."""
+        if type(value) in _ATOMS:
+            out = Parts(True)
+            out.write(pickle.dumps(value, protocol=5))
+            return out
         try:
-            return pickle.dumps(value, protocol=5)
+            out = Parts(True)
+            pickle.Pickler(out, protocol=5).dump(value)
         except Exception:
             if self.cloudpickle is None:
                 import cloudpickle
 
                 self.cloudpickle = cloudpickle
-            return self.cloudpickle.dumps(value, protocol=5)
+            out = Parts(True)
+            self.cloudpickle.Pickler(out, protocol=5).dump(value)
+        return out
 
     # -- input ---------------------------------------------------------------
     def reader(self):
-        """Feed jobs to the main thread; at end of input, end the whole process group."""
+        """Feed jobs to the main thread, each with its out-of-band buffers (or None);
+        at end of input, end the whole process group."""
+        buffers = {}
         try:
             while True:
                 frame = read_frame(self.inp)
                 if frame is None or frame[0] == SHUTDOWN:
                     break
-                self.jobs.put(frame)
+                kind, job_id, payload = frame
+                if kind == BYTES or kind == BYTEARRAY:
+                    buffers.setdefault(job_id, []).append(payload)
+                    continue
+                self.jobs.put((kind, job_id, payload, buffers.pop(job_id, None) if buffers else None))
         except Exception:
             pass
         self.jobs.put(None)
@@ -429,7 +554,7 @@ class Worker:
             frame = jobs.get()
             if frame is None:
                 break
-            kind, job_id, payload = frame
+            kind, job_id, payload, buffers = frame
             self.job_id = job_id
             self.item = 0
             if kind == FUNC:
@@ -442,9 +567,9 @@ class Worker:
                     funcs[job_id] = _Unloadable(exc)
                 continue
             if kind == CALL:
-                results = [self.call(funcs, payload, out, err)]
+                results = [self.call(funcs, payload, buffers, out, err)]
             elif kind == MAP:
-                results = self.map(funcs, payload, out, err)
+                results = self.map(funcs, payload, buffers, out, err)
             else:
                 continue
             # Batch replies while more jobs wait, but never hold a finished result back for
@@ -456,14 +581,15 @@ class Worker:
                 last_flush = now
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
 
-    def unpack_job(self, payload):
+    def unpack_job(self, payload, buffers):
         (fid,) = FID.unpack_from(payload, 0)
-        return (fid,) + tuple(self.loads(memoryview(payload)[FID.size:]))
+        body = memoryview(payload)[FID.size:]
+        return (fid,) + tuple(self.loads(body, buffers=buffers) if buffers else self.loads(body))
 
-    def call(self, funcs, payload, out, err):
+    def call(self, funcs, payload, buffers, out, err):
         start = time.perf_counter()
         try:
-            fid, args, kwargs = self.unpack_job(payload)
+            fid, args, kwargs = self.unpack_job(payload, buffers)
             fn = funcs[fid]
             value = fn(*args, **kwargs)
             ok = True
@@ -472,9 +598,9 @@ class Worker:
             ok = False
         return (ok, value, out.take(), err.take(), time.perf_counter() - start)
 
-    def map(self, funcs, payload, out, err):
+    def map(self, funcs, payload, buffers, out, err):
         try:
-            fid, items = self.unpack_job(payload)
+            fid, items = self.unpack_job(payload, buffers)
             fn = funcs[fid]
         except BaseException as exc:
             return [(False, error_info(exc), "", "", 0.0)]
@@ -496,7 +622,8 @@ class Worker:
 
     def send_result(self, job_id, results, flush):
         """One RESULT frame: a meta list, then each value pickled on its own so that
-        one value that cannot be pickled (or unpickled) costs only its own job.
+        one value that cannot be pickled (or unpickled) costs only its own job; before
+        it, a BYTES or BYTEARRAY frame per out-of-band buffer of those pickles.
 
         Many items that all succeeded without output go as one pickled list of values
         and a list of durations: per-item pickles and meta bounded map over tiny items.
@@ -527,20 +654,26 @@ class Worker:
                         "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
                     )
             if not ok:
-                blob = pickle.dumps(value, protocol=4)
-            meta.append((ok, so, se, took, len(blob)))
+                blob = Parts(True)
+                blob.write(pickle.dumps(value, protocol=4))
+            meta.append((ok, so, se, took, blob.size, len(blob.buffers)))
             blobs.append(blob)
         self._write_result(job_id, pickle.dumps(meta, protocol=4), blobs, flush)
 
     def _write_result(self, job_id, head, blobs, flush):
-        size = META_LEN.size + len(head) + sum(len(b) for b in blobs)
+        size = META_LEN.size + len(head) + sum(b.size for b in blobs)
         with self.lock:
             write = self.out.write
+            for blob in blobs:
+                for kind, buf in blob.buffers:
+                    write(HEADER.pack(kind, job_id, memoryview(buf).nbytes))
+                    write(buf)
             write(HEADER.pack(RESULT, job_id, size))
             write(META_LEN.pack(len(head)))
             write(head)
             for blob in blobs:
-                write(blob)
+                for part in blob.parts:
+                    write(part)
             if flush:
                 self.out.flush()
 
@@ -671,8 +804,8 @@ class _Reader(object):
         return self.read()
 
 
-def _loads(data):
-    return _Unpickler(_Reader(data)).load()
+def _loads(data, buffers=None):
+    return _Unpickler(_Reader(data), buffers=buffers).load()
 
 
 class _Unloadable:

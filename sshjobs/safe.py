@@ -9,9 +9,10 @@ anything else with an error naming the refused type.
 
 from __future__ import annotations
 
-import io
 import pickle
 from typing import Callable, Iterable
+
+from .remote import _Reader  # a file over a buffer that does not copy it first
 
 # Builtin data types a pickle names by module and name (lists, dicts, sets, tuples, str,
 # bytes, int, float, bool and None need no name: they are pickle opcodes).
@@ -44,8 +45,8 @@ class RefusedType(pickle.UnpicklingError):
 
 
 class _Unpickler(pickle.Unpickler):
-    def __init__(self, file, allowed: frozenset[str]):
-        super().__init__(file)
+    def __init__(self, file, allowed: frozenset[str], buffers=None):
+        super().__init__(file, buffers=buffers)
         self._allowed = allowed
 
     def find_class(self, module: str, name: str):
@@ -63,8 +64,10 @@ def make_loads(extra: Iterable[str] = ()) -> Callable:
     each ``"module.QualifiedName"``)."""
     allowed = DEFAULT_ALLOWED | frozenset(extra)
 
-    def safe_loads(data) -> object:
-        return _Unpickler(io.BytesIO(data), allowed).load()
+    def safe_loads(data, buffers=None) -> object:
+        # Out-of-band buffers (see sshjobs.remote.Parts) are plain bytes or bytearrays,
+        # placed by NEXT_BUFFER: they name no type, so the allowlist needs no entry.
+        return _Unpickler(_Reader(data), allowed, buffers).load()
 
     safe_loads.allowed = allowed  # type: ignore[attr-defined]
     return safe_loads

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import pickle
 import shlex
@@ -138,7 +139,8 @@ class Worker:
         self._funcs: OrderedDict[bytes, int] = OrderedDict()
         self._next_fid = 0
         self._buf = bytearray()
-        self._frame: tuple | None = None  # (kind, job_id, bytearray, filled)
+        self._frame: tuple | None = None  # (kind, job_id, sink, bytes still to come)
+        self._oob: dict[int, list] = {}  # job id -> out-of-band buffers of its coming RESULT
         self._stderr_tail = bytearray()
         self._hello: asyncio.Future | None = None
         self._writable = asyncio.Event()
@@ -241,18 +243,22 @@ class Worker:
         """Send a CALL ((args, kwargs) body) or MAP ((items,) body); a future of raw results.
 
         ``body`` may come pickled already (``dumps(body)``): gather pickles its arguments
-        once and every host's frame shares those bytes."""
+        once and every host's frame shares those bytes (and out-of-band buffers)."""
         fut = asyncio.get_running_loop().create_future()
         if not self.alive:
             fut.set_exception(self._lost_error())
             return fut
-        blob = body if isinstance(body, (bytes, bytearray)) else dumps(body)
+        blob = body if isinstance(body, (bytes, bytearray, Pickled)) else dumps(body)
         fid = self._ensure_func(fn_bytes)
         self._next_id = (self._next_id + 1) & 0xFFFFFFFF
         job_id = self._next_id
         self.pending[job_id] = fut
         self.in_flight += size
         fut.size = size  # type: ignore[attr-defined]
+        if type(blob) is Pickled:
+            for buf_kind, buf in blob.buffers:
+                self._write(buf_kind, job_id, buf)
+            blob = blob.data
         self._write(kind, job_id, remote.FID.pack(fid), blob)
         return fut
 
@@ -293,22 +299,26 @@ class Worker:
 
     # -- incoming ---------------------------------------------------------------
     def _feed(self, data: bytes) -> None:
+        """Cut the stream into frames.  A frame that is not all in ``data`` (or is big)
+        goes to a sink of its size as its packets arrive: a BYTES frame's sink is a
+        BytesIO over ``bytes(size)``, whose getvalue() is that same bytes object, so a
+        big out-of-band buffer is copied once, from the packets into the final value."""
         frame = self._frame
         view = memoryview(data)
         pos = 0
         end = len(data)
         while pos < end:
             if frame is not None:
-                kind, job_id, body, filled = frame
-                take = min(len(body) - filled, end - pos)
-                body[filled:filled + take] = view[pos:pos + take]
+                kind, job_id, sink, left = frame
+                take = left if left <= end - pos else end - pos
+                sink.write(view[pos:pos + take])
                 pos += take
-                filled += take
-                if filled < len(body):
-                    frame = (kind, job_id, body, filled)
+                left -= take
+                if left:
+                    frame = (kind, job_id, sink, left)
                     break
                 frame = None
-                self._dispatch(kind, job_id, body)
+                self._dispatch(kind, job_id, sink.getvalue())
                 continue
             buf = self._buf
             need = remote.HEADER.size - len(buf)
@@ -326,22 +336,33 @@ class Worker:
             if size <= end - pos and size < (1 << 20):
                 body = bytes(view[pos:pos + size])
                 pos += size
-                self._dispatch(kind, job_id, body)
+                self._dispatch(kind, job_id, bytearray(body) if kind == remote.BYTEARRAY else body)
+            elif size == 0:
+                self._dispatch(kind, job_id, bytearray() if kind == remote.BYTEARRAY else b"")
             else:
-                frame = (kind, job_id, bytearray(size), 0)
-                if size == 0:
-                    frame = None
-                    self._dispatch(kind, job_id, b"")
+                frame = (kind, job_id, _Fill(size) if kind == remote.BYTEARRAY else io.BytesIO(bytes(size)), size)
         self._frame = frame
 
     def _dispatch(self, kind: int, job_id: int, body) -> None:
         if kind == remote.RESULT:
             fut = self.pending.pop(job_id, None)
             out = self.outputs.pop(job_id, None)
+            if self._oob:
+                buffers = self._oob.pop(job_id, None)
+                if buffers is not None:
+                    body = Buffered(body, buffers)
             if fut is not None:
                 self.in_flight -= fut.size
                 if not fut.done():
                     fut.set_result((body, out))
+        elif kind == remote.BYTES or kind == remote.BYTEARRAY:
+            if job_id not in self.pending:
+                return  # nobody waits for it (or a broken host): not kept until the worker ends
+            buffers = self._oob.get(job_id)
+            if buffers is None:
+                self._oob[job_id] = [body]
+            else:
+                buffers.append(body)
         elif kind == remote.OUTPUT:
             stream, item = remote.OUTPUT_HEAD.unpack_from(body, 0)
             text = bytes(body[remote.OUTPUT_HEAD.size:]).decode("utf-8", "replace")
@@ -387,6 +408,8 @@ class Worker:
 
     def _lost(self, exc) -> None:
         self.alive = False
+        self._frame = None  # a frame cut short, a big buffer half received: gone
+        self._oob.clear()
         if self._release:
             self._release()
             self._release = None
@@ -407,24 +430,88 @@ class Worker:
 
 
 _PLAIN = frozenset({int, float, str, bytes, bool, type(None), complex, bytearray})
+_BUFFERS = frozenset({bytes, bytearray})
+# What _plain() finds, as bits: plain data; a payload big enough for out of band; not plain.
+PLAIN, BIG, NOT_PLAIN = 0, 1, 2
 
 
-def _plain(obj) -> bool:
-    if type(obj) in _PLAIN:
-        return True
-    if type(obj) in (tuple, list):
-        return _PLAIN.issuperset(map(type, obj))
-    if type(obj) is dict:
-        return _PLAIN.issuperset(map(type, obj)) and _PLAIN.issuperset(map(type, obj.values()))
-    return False
+def _big(values) -> int:
+    return BIG if any([len(v) >= remote.OOB_MIN for v in values if type(v) in _BUFFERS]) else PLAIN
 
 
-def dumps(obj: tuple) -> bytes:
+def _plain(obj) -> int:
+    t = type(obj)
+    if t in _PLAIN:
+        return BIG if t in _BUFFERS and len(obj) >= remote.OOB_MIN else PLAIN
+    if t in (tuple, list):
+        types = set(map(type, obj))
+        if not _PLAIN.issuperset(types):
+            return NOT_PLAIN
+        return PLAIN if types.isdisjoint(_BUFFERS) else _big(obj)
+    if t is dict:
+        keys, values = set(map(type, obj)), set(map(type, obj.values()))
+        if not (_PLAIN.issuperset(keys) and _PLAIN.issuperset(values)):
+            return NOT_PLAIN
+        return (PLAIN if keys.isdisjoint(_BUFFERS) else _big(obj)) | \
+            (PLAIN if values.isdisjoint(_BUFFERS) else _big(obj.values()))
+    return NOT_PLAIN
+
+
+class Pickled:
+    """dumps() of arguments with big payloads: the in-band pickle (``data``) and the
+    out-of-band buffers, (BYTES or BYTEARRAY, bytes), sent as frames before the job's."""
+
+    __slots__ = ("data", "buffers")
+
+    def __init__(self, data: bytes, buffers: list):
+        self.data = data
+        self.buffers = buffers
+
+
+def dumps(obj: tuple) -> bytes | Pickled:
     """Plain data goes through pickle (fast); anything else through cloudpickle, which
-    ships functions and classes of the controller's __main__ by value."""
-    if all(_plain(x) for x in obj):
+    ships functions and classes of the controller's __main__ by value.  Payloads of
+    remote.OOB_MIN bytes or more leave the pickle (see remote.Parts): a bytes argument is
+    sent from its own memory, a mutable one (bytearray, numpy array) from a copy taken now."""
+    found = PLAIN
+    for x in obj:
+        found |= _plain(x)
+    if found == PLAIN:
         return pickle.dumps(obj, protocol=5)
-    return cloudpickle.dumps(obj, protocol=5)
+    out = remote.Parts(False)
+    (cloudpickle.Pickler if found & NOT_PLAIN else pickle.Pickler)(out, protocol=5).dump(obj)
+    return Pickled(out.data(), out.buffers) if out.buffers else out.data()
+
+
+class _Fill:
+    """The sink of a big BYTEARRAY frame: the final bytearray, filled as packets arrive."""
+
+    __slots__ = ("buf", "view", "pos")
+
+    def __init__(self, size: int):
+        self.buf = bytearray(size)
+        self.view = memoryview(self.buf)
+        self.pos = 0
+
+    def write(self, data) -> None:
+        end = self.pos + len(data)
+        self.view[self.pos:end] = data
+        self.pos = end
+
+    def getvalue(self) -> bytearray:
+        self.view.release()
+        return self.buf
+
+
+class Buffered:
+    """A RESULT payload and the out-of-band buffers (BYTES/BYTEARRAY frames) sent before
+    it; decode_results() takes either this or the bare payload."""
+
+    __slots__ = ("body", "buffers")
+
+    def __init__(self, body, buffers: list):
+        self.body = body
+        self.buffers = buffers
 
 
 class AllOk(Sequence):
@@ -456,7 +543,11 @@ def decode_results(body, safe_loads=None) -> list[tuple]:
     """RESULT payload -> [(ok, value or (type, message, traceback), stdout, stderr, duration)].
 
     With ``safe_loads`` (safe_results) every part the host sent goes through it, the
-    bookkeeping and error tuples included, not only the values."""
+    bookkeeping and error tuples included, not only the values.  ``body`` may be Buffered:
+    each value's pickle then takes its share of the out-of-band buffers, in order."""
+    buffers = None
+    if type(body) is Buffered:
+        body, buffers = body.body, body.buffers
     view = memoryview(body)
     (mlen,) = remote.META_LEN.unpack_from(view, 0)
     pos = remote.META_LEN.size
@@ -467,7 +558,7 @@ def decode_results(body, safe_loads=None) -> list[tuple]:
         durations = meta[1]
         n = len(durations)
         try:
-            values = loads(view[pos:])
+            values = loads(view[pos:], buffers=buffers) if buffers else loads(view[pos:])
         except Exception as exc:  # the chunk's values arrive together, so they fail together
             if isinstance(exc, RefusedType):
                 err = ("UnsafeResult", str(exc), "")
@@ -477,12 +568,17 @@ def decode_results(body, safe_loads=None) -> list[tuple]:
             return list(zip(repeat(False, n), repeat(err, n), repeat("", n), repeat("", n), durations))
         return AllOk(values, durations)
     out = []
-    for ok, so, se, took, size in meta:
+    taken = 0
+    for ok, so, se, took, size, nbuf in meta:
         blob = view[pos:pos + size]
         pos += size
+        mine = None
+        if nbuf:
+            mine = (buffers or [])[taken:taken + nbuf]
+            taken += nbuf
         if ok:
             try:
-                value = loads(blob)
+                value = loads(blob, buffers=mine) if nbuf else loads(blob)
             except RefusedType as exc:
                 ok = False
                 value = ("UnsafeResult", str(exc), "")
@@ -491,6 +587,6 @@ def decode_results(body, safe_loads=None) -> list[tuple]:
                 value = ("UnpicklableResult",
                          f"the job's return value could not be unpickled on the controller: {type(exc).__name__}: {exc}", "")
         else:
-            value = loads(blob)
+            value = loads(blob, buffers=mine) if nbuf else loads(blob)
         out.append((ok, value, so, se, took))
     return out

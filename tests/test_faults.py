@@ -365,8 +365,8 @@ PROBE = textwrap.dedent('''
             del payload, r
             base = status("VmRSS"); reset_peak()
             r = (await c.gather(make, n, b"seed"))[0]
+            out["result_extra"] = status("VmHWM") - base  # before make() below adds its own copy
             out["result_ok"] = r.ok and len(r.value) == n and r.value == make(n, b"seed")
-            out["result_extra"] = status("VmHWM") - base
             del r
             out["after"] = [x.value for x in await c.gather(lambda: "intact")]
 
@@ -387,11 +387,13 @@ def test_200mb_argument_and_result_intact_and_100mb_output_bounded(lab, faults):
           {k: round(v / 2**20) for k, v in out.items() if k.endswith("_extra")})
     with faults.inject("200 MB argument"):
         assert out["arg_ok"]
-        # the payload itself is already counted in the baseline: what sending adds
-        assert out["arg_extra"] < 2 * payload, out["arg_extra"] / 2**20
+        # the payload itself is already counted in the baseline: what sending adds (it is
+        # sent out of band, from its own memory: measured 0 MiB, was 200 before that)
+        assert out["arg_extra"] < payload / 2, out["arg_extra"] / 2**20
     with faults.inject("200 MB result"):
         assert out["result_ok"]
-        assert out["result_extra"] < 3 * payload, out["result_extra"] / 2**20
+        # the value itself, received straight into place (measured 200 MiB, was 400)
+        assert out["result_extra"] < 1.5 * payload, out["result_extra"] / 2**20
     with faults.inject("100 MB printed by a job"):
         assert out["flood_value"] == "flooded"
         assert out["flood_head"].startswith("[sshjobs: ") and "dropped" in out["flood_head"]
