@@ -4,13 +4,15 @@
 (sshjobs: the one-shot ``inv.map``/``inv.gather``; sshjobs-connect: ``async with
 inv.connect()``, which waits for every host before the first job) prints one JSON
 line: seconds from the first connect to the last result (after imports, before exit,
-connections closed), and the process's peak RSS (VmHWM).
+connections closed), the CPU seconds the whole machine was busy meanwhile (controller,
+sshd and the hosts' processes, from /proc/stat), and the process's peak RSS (VmHWM).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import resource
 import sys
 import time
@@ -21,6 +23,14 @@ def load(path: str, hosts: int):
 
     inv = Inventory.load(path)
     return Inventory(inv.hosts[:hosts], source=inv.source)
+
+
+def machine_cpu() -> float:
+    """CPU seconds the whole machine (controller, sshd, the hosts' processes) has been busy:
+    /proc/stat's first line less idle and iowait."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def run_oneshot(inv, job: str):
@@ -69,11 +79,13 @@ def main(argv: list[str]) -> None:
     import sshjobs.api  # noqa: F401
 
     inv = load(path, hosts)
+    cpu0 = machine_cpu()
     if tool == "sshjobs":
         seconds, values = run_oneshot(inv, job)
     else:
         seconds, values = asyncio.run((run_connect if tool == "sshjobs-connect" else run_baseline)(inv, job))
-    print(json.dumps({"seconds": seconds, "rss_mb": peak_rss_mb(), "values": values}))
+    cpu = machine_cpu() - cpu0  # the run's own, nearly: the process's start and end are outside
+    print(json.dumps({"seconds": seconds, "machine_cpu": cpu, "rss_mb": peak_rss_mb(), "values": values}))
 
 
 def peak_rss_mb() -> float:
