@@ -115,9 +115,12 @@ async def warm_figures(inv, python: str, runs: Runs, n: int, expected: list) -> 
     try:
         async with inv.connect() as cluster:
             await cluster.ensure_slots()
+            # The warm fan-outs run one after the other, as NOTES.md measured the peers'
+            # (median of 5): interleaved with the other figures, each followed a 200 MB
+            # echo, and the first fan-out after one is ~15 ms slower (the workers touch
+            # memory afresh; 80 ms vs 60-65 ms for the ones after it).
             for i in range(n + 1):  # run 0 warms up both sides
-                say(f"bench: warm figures, run {i}/{n}")
-                # warm fan-out
+                say(f"bench: warm fan-out, run {i}/{n}")
                 t0 = time.perf_counter()
                 res = await cluster.map(jobs.eigen, range(len(inv)))
                 t_s = time.perf_counter() - t0
@@ -132,6 +135,8 @@ async def warm_figures(inv, python: str, runs: Runs, n: int, expected: list) -> 
                     runs.add("warm_fanout", "sshjobs", t_s)
                     runs.add("warm_fanout", "baseline", t_b)
 
+            for i in range(n + 1):  # run 0 warms up both sides
+                say(f"bench: tiny jobs and bulk, run {i}/{n}")
                 # 10,000 submits of a closure
                 double = jobs.make_double()
                 t0 = time.perf_counter()
