@@ -23,7 +23,7 @@ from typing import Any, Awaitable, Callable
 import click
 
 from . import __version__
-from .api import Cluster
+from .api import Cluster, use_lean_executor
 from .display import Progress, fmt_seconds, fold, print_results, result_json, short, summary
 from .inventory import Inventory, InventoryError
 from .log import configure
@@ -228,6 +228,7 @@ def run_jobs(inv: Inventory, opts: Options, work: Callable[[Cluster], Awaitable[
     options = {"offline": offline} if offline is not None else {}
 
     async def go() -> list[Result]:
+        use_lean_executor(inv)
         with progress:
             # Not `async with`: gather and map send each host its jobs as soon as it is up.
             cluster = Cluster(inv, on_event=progress.event, **options)
