@@ -84,6 +84,10 @@ class Runs:
     def add(self, key: str, tool: str, value: float) -> None:
         self.data.setdefault(key, {}).setdefault(tool, []).append(value)
 
+    def add_pair(self, key: str, ours: float, baseline: float) -> None:
+        self.add(key, "sshjobs", ours)
+        self.add(key, "baseline", baseline)
+
 
 def cold(tool: str, job: str, inventory: Path, hosts: int) -> dict:
     out = subprocess.run([sys.executable, "-m", "bench.cold", tool, job, str(inventory), str(hosts)],
@@ -132,8 +136,7 @@ async def warm_figures(inv, python: str, runs: Runs, n: int, expected: list) -> 
                 if not close_enough(vals, expected):
                     raise RuntimeError("baseline eigen results wrong")
                 if i:
-                    runs.add("warm_fanout", "sshjobs", t_s)
-                    runs.add("warm_fanout", "baseline", t_b)
+                    runs.add_pair("warm_fanout", t_s, t_b)
 
             for i in range(n + 1):  # run 0 warms up both sides
                 say(f"bench: tiny jobs and bulk, run {i}/{n}")
@@ -149,8 +152,7 @@ async def warm_figures(inv, python: str, runs: Runs, n: int, expected: list) -> 
                 t_b = time.perf_counter() - t0
                 assert vals == [2 * k for k in range(BASELINE_TINY)]
                 if i:
-                    runs.add("submit", "sshjobs", SUBMITS / t_s)
-                    runs.add("submit", "baseline", BASELINE_TINY / t_b)
+                    runs.add_pair("submit", SUBMITS / t_s, BASELINE_TINY / t_b)
 
                 # map over 1,000,000 ints
                 items = range(MAP_ITEMS)
@@ -166,8 +168,7 @@ async def warm_figures(inv, python: str, runs: Runs, n: int, expected: list) -> 
                 assert len(vals) == MAP_ITEMS and vals[-1] == 2 * (MAP_ITEMS - 1)
                 del vals
                 if i:
-                    runs.add("map", "sshjobs", MAP_ITEMS / t_s)
-                    runs.add("map", "baseline", MAP_ITEMS / t_b)
+                    runs.add_pair("map", MAP_ITEMS / t_s, MAP_ITEMS / t_b)
 
                 # bulk: 200 MB echoed; the host stamps when all of it had arrived
                 data = os.urandom(1 << 20) * (BULK >> 20) + bytes(BULK - ((BULK >> 20) << 20))
@@ -186,10 +187,8 @@ async def warm_figures(inv, python: str, runs: Runs, n: int, expected: list) -> 
                     raise RuntimeError("baseline echo returned other bytes")
                 del back
                 if i:
-                    runs.add("bulk_up", "sshjobs", up_s)
-                    runs.add("bulk_down", "sshjobs", down_s)
-                    runs.add("bulk_up", "baseline", BULK / 1e6 / (arrived - t0))
-                    runs.add("bulk_down", "baseline", BULK / 1e6 / (t1 - arrived))
+                    runs.add_pair("bulk_up", up_s, BULK / 1e6 / (arrived - t0))
+                    runs.add_pair("bulk_down", down_s, BULK / 1e6 / (t1 - arrived))
                 del data
     finally:
         await base.close()
@@ -227,8 +226,7 @@ async def install_figure(inv, python: str, runs: Runs, n: int) -> None:
                 await asyncio.gather(*(base.run(k, "import numpy") for k in range(len(inv.hosts))))
                 t_b = time.perf_counter() - t0
                 if i:
-                    runs.add("install", "sshjobs", t_s)
-                    runs.add("install", "baseline", t_b)
+                    runs.add_pair("install", t_s, t_b)
     finally:
         await base.close()
 
@@ -325,12 +323,9 @@ def main(argv: list[str] | None = None) -> int:
                 if not all(close_enough(x["values"], expected) for x in (s, b, c)):
                     raise RuntimeError("cold eigen results differ from the reference")
                 if i:
-                    runs.add("cold_fanout", "sshjobs", s["seconds"])
-                    runs.add("cold_fanout", "baseline", b["seconds"])
-                    runs.add("cold_cpu", "sshjobs", s["machine_cpu"])
-                    runs.add("cold_cpu", "baseline", b["machine_cpu"])
-                    runs.add("cold_fanout_connect", "sshjobs", c["seconds"])
-                    runs.add("cold_fanout_connect", "baseline", b["seconds"])
+                    runs.add_pair("cold_fanout", s["seconds"], b["seconds"])
+                    runs.add_pair("cold_cpu", s["machine_cpu"], b["machine_cpu"])
+                    runs.add_pair("cold_fanout_connect", c["seconds"], b["seconds"])
         if "warm" in only:
             asyncio.run(warm_figures(inv10, str(python), runs, n, expected))
         if "scale" in only and nlab >= 100:
@@ -339,12 +334,8 @@ def main(argv: list[str] | None = None) -> int:
                 s = cold("sshjobs", "noop", lab.inventory_path, nlab)
                 b = cold("baseline", "noop", lab.inventory_path, nlab)
                 if i:
-                    runs.add("scale", "sshjobs", s["seconds"])
-                    runs.add("scale", "baseline", b["seconds"])
-                    runs.add("scale_cpu", "sshjobs", s["machine_cpu"])
-                    runs.add("scale_cpu", "baseline", b["machine_cpu"])
-                    runs.add("scale_rss", "sshjobs", s["rss_mb"])
-                    runs.add("scale_rss", "baseline", b["rss_mb"])
+                    for key, field in (("scale", "seconds"), ("scale_cpu", "machine_cpu"), ("scale_rss", "rss_mb")):
+                        runs.add_pair(key, s[field], b[field])
         if "install" in only:
             asyncio.run(install_figure(inv10, str(python), runs, n))
     finally:
