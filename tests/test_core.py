@@ -277,3 +277,17 @@ def test_more_slots_than_max_sessions_opens_more_connections(lab):
     assert all(r.ok for r in results)
     assert workers == 12
     assert conns == 2  # 10 + 2 sessions: sshd's MaxSessions 10 is never exceeded
+
+
+def test_one_executor_thread_only_when_no_host_needs_a_lookup():
+    # asyncssh builds connection options in the loop's default executor; with IP
+    # addresses one thread does, but host names keep the default pool: their lookups block.
+    from sshjobs.api import use_lean_executor
+
+    async def pool_for(addresses):
+        use_lean_executor(Inventory.from_hosts([{"name": f"h{i}", "address": a} for i, a in enumerate(addresses)]))
+        return asyncio.get_running_loop()._default_executor
+
+    lean = asyncio.run(pool_for(["127.0.0.1", "::1"]))
+    assert lean is not None and lean._max_workers == 1
+    assert asyncio.run(pool_for(["127.0.0.1", "db.example"])) is None
