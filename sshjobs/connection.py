@@ -80,9 +80,9 @@ _KNOWN_HOSTS: dict[str, tuple[bytes, object]] = {}
 def parsed_known_hosts(path: str):
     """A known_hosts file parsed once per process while its content is unchanged.  Given the
     file's name, asyncssh parses it again for every connection: with 100 hosts listed, that
-    was 10,000 keys decoded, 0.3 s of the controller's CPU, to connect to 100 hosts.  The
-    file is still read every time (its content, not its mtime, decides), so an edit counts
-    at the next connect."""
+    was 10,000 keys decoded, ~0.08 s of the controller's CPU to connect to 100 hosts (0.37-0.40
+    -> 0.30-0.32 s).  The file is still read every time (its content, not its mtime,
+    decides), so an edit counts at the next connect."""
     try:
         with open(path, "rb") as f:
             data = f.read()
