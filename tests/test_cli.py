@@ -39,6 +39,10 @@ def square(x):
 def echo(item):
     return item
 
+def slow_echo(item):
+    time.sleep(0.01)  # 2 s for one host over 200 items: the others take part as they come up
+    return item
+
 def nap(seconds):
     time.sleep(seconds)
     return seconds
@@ -91,7 +95,7 @@ def test_run_by_module_path_with_a_string_argument(lab, invfile, jobs):
 
 
 def test_map_range_returns_every_item_in_input_order(invfile, jobs):
-    p = sshjobs("map", "-i", invfile, f"{jobs}:echo", "--range", "200", "--json")
+    p = sshjobs("map", "-i", invfile, f"{jobs}:slow_echo", "--range", "200", "--json")
     assert p.returncode == 0, p.stderr
     rows = json_lines(p.stdout)
     assert [r["job"] for r in rows] == list(range(200))
@@ -101,7 +105,8 @@ def test_map_range_returns_every_item_in_input_order(invfile, jobs):
 
 def test_map_spreads_a_few_slow_jobs_over_every_host(invfile, jobs, tmp_path):
     items = tmp_path / "naps.jsonl"
-    items.write_text("0.3\n" * 10)
+    # 1 s each: every host is up before the first one could take a second job
+    items.write_text("1.0\n" * 10)
     p = sshjobs("map", "-i", invfile, f"{jobs}:nap", "--args", items, "--json")
     assert p.returncode == 0, p.stderr
     rows = json_lines(p.stdout)

@@ -44,7 +44,11 @@ def test_gather_runs_once_on_each_host_as_its_user(binv, backend):
 
 
 def test_map_keeps_input_order_and_spreads_over_hosts(binv):
-    results = binv.map(lambda x: (x * x, __import__("socket").gethostname()), range(1000))
+    def square(x):
+        time.sleep(0.002)  # about 2 s for one host: the others take part as they come up
+        return x * x, __import__("socket").gethostname()
+
+    results = binv.map(square, range(1000))
     assert [r.value[0] for r in results] == [x * x for x in range(1000)]
     assert [r.job for r in results] == list(range(1000))
     assert len({r.host for r in results}) > 1
