@@ -196,12 +196,16 @@ class Cluster:
             task.cancel()
         if opening:
             await asyncio.wait(opening)
-        # End of input makes each worker exit and end its process group.  Closing the
-        # connections right after it does not cut that short (sshd closes the worker's stdin
-        # then too), so nothing waits for the workers to exit: that wait was ~15 ms of every
-        # one-shot call.
-        for w in [w for s in self.states for w in s.workers if w is not None]:
+        # End of input makes each worker exit and end its process group (the job's children
+        # too).  A worker with a job still running gets up to 2 s to do that over its
+        # connection before the connections close; an idle one just exits, so nothing waits
+        # for it (that wait was ~15 ms of every one-shot call).
+        workers = [w for s in self.states for w in s.workers if w is not None]
+        for w in workers:
             w.close()
+        busy = [w for w in workers if w.pending]
+        if busy:
+            await asyncio.wait([asyncio.ensure_future(w.wait_closed()) for w in busy], timeout=2)
         for s in self.states:
             if s.link:
                 s.link.close()
