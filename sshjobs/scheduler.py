@@ -320,10 +320,14 @@ class MapRun:
             if not up.done() or up.cancelled() or up.exception() is not None:
                 return
         if not state.usable:
-            if state.error is not None and self.last_error is None:
-                self.last_error = state.failure()
+            self.note_lost(state)
             return
         await asyncio.gather(*(self.pump(state, slot) for slot in range(state.nslots)))
+
+    def note_lost(self, state) -> None:
+        """A host that failed gives the items no host could run their error, if none yet."""
+        if state.error is not None and self.last_error is None:
+            self.last_error = state.failure()
 
     def fail_rest(self) -> None:
         for i, r in enumerate(self.results):
@@ -352,8 +356,7 @@ class MapRun:
         while True:
             worker = await self.cluster.worker_for(state, slot)
             if worker is None:  # the host is gone; others take the work
-                if state.error is not None and self.last_error is None:
-                    self.last_error = state.failure()
+                self.note_lost(state)
                 break
             while self.queue and len(inflight) < self.depth and worker.alive:
                 if inflight and (self.queue[0][3] or any(job[4] for job in inflight.values())):
