@@ -1,8 +1,10 @@
 """sshjobs: run Python functions on SSH hosts that have nothing but sshd and python3."""
 
-from .api import Cluster
-from .inventory import Host, Inventory, InventoryError
-from .result import RemoteError, Result, Timeout
+from .api import Cluster, Inventory
+from .errors import *  # noqa: F403  (the whole tree: every error a user can meet)
+from .errors import __all__ as _errors
+from .inventory import Host
+from .result import Result
 
-__all__ = ["Cluster", "Host", "Inventory", "InventoryError", "RemoteError", "Result", "Timeout"]
+__all__ = ["Cluster", "Host", "Inventory", "Result", *_errors]
 __version__ = "0.1.0"

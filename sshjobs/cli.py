@@ -23,18 +23,14 @@ from typing import Any, Awaitable, Callable
 import click
 
 from . import __version__
-from .api import Cluster, use_lean_executor
+from .api import Cluster, Inventory, run_loop, run_sync
 from .display import Progress, fmt_seconds, fold, print_results, result_json, short, summary
-from .inventory import Inventory, InventoryError
+from .errors import AuthenticationError, ConfigError, ConnectError, HostKeyError, InventoryError, UsageError
 from .log import configure
 from .result import Result
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEFAULT_INVENTORY = "hosts.toml"
-
-
-class UserError(Exception):
-    """Bad input from the user (job file, arguments): exit 2 with this message."""
 
 
 # -- options -----------------------------------------------------------------------------
@@ -117,25 +113,18 @@ def load_inventory(opts: Options) -> Inventory:
 
 
 def read_requirements(packages: tuple[str, ...], files: tuple[str, ...]) -> list[str]:
-    """Requirement lines from PKG arguments and requirements files (comments and blanks dropped)."""
-    reqs = list(packages)
+    """The requirements of PKG arguments and requirements files, checked as the installer
+    will read them (comments dropped; -e or nested -r refused) before anything is contacted."""
+    from .provisioning import parse_requirements
+
+    lines = list(packages)
     for name in files:
-        for line in Path(name).read_text().splitlines():
-            line = line.split(" #", 1)[0].strip()
-            if line and not line.startswith("#"):
-                reqs.append(line)
-    return reqs
-
-
-def check_requirements(reqs: list[str]) -> list[str]:
-    """Refuse what the installer would refuse (-e, nested -r), before connecting anywhere."""
-    from .provisioning import ProvisionError, parse_requirements
-
-    try:
-        parse_requirements(reqs)
-    except ProvisionError as exc:
-        raise UserError(str(exc)) from None
-    return reqs
+        try:
+            lines += Path(name).read_text("utf-8").splitlines()
+        except OSError as exc:
+            raise UsageError(f"cannot read the requirements file {name}: {exc.strerror or exc}") from None
+    reqs, opts = parse_requirements(lines)
+    return opts + reqs
 
 
 # -- job targets ---------------------------------------------------------------------------
@@ -143,7 +132,7 @@ def load_target(target: str) -> Callable:
     """``path/to/file.py:func`` or ``package.module:func`` (``func`` may be dotted: Class.method)."""
     where, sep, name = target.rpartition(":")
     if not sep or not where or not name:
-        raise UserError(f"{target!r}: TARGET must be path/to/file.py:func or package.module:func")
+        raise UsageError(f"{target!r}: TARGET must be path/to/file.py:func or package.module:func")
     if where.endswith(".py") or "/" in where or os.sep in where:
         module = _load_file(Path(where))
     else:
@@ -152,28 +141,28 @@ def load_target(target: str) -> Callable:
         try:
             module = importlib.import_module(where)
         except ImportError as exc:
-            raise UserError(f"{where}: cannot import the module: {exc}") from None
+            raise UsageError(f"{where}: cannot import the module: {exc}") from None
         except Exception as exc:
-            raise UserError(f"{where}: importing the module failed:\n{_format_exc(exc)}") from None
+            raise UsageError(f"{where}: importing the module failed:\n{_format_exc(exc)}") from None
     obj: Any = module
     for part in name.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise UserError(f"{where}: has no {name!r}") from None
+            raise UsageError(f"{where}: has no {name!r}") from None
     if not callable(obj):
-        raise UserError(f"{where}: {name!r} is not callable (it is {type(obj).__name__})")
+        raise UsageError(f"{where}: {name!r} is not callable (it is {type(obj).__name__})")
     return obj
 
 
 def _load_file(path: Path):
     if not path.is_file():
-        raise UserError(f"{path}: job file not found")
+        raise UsageError(f"{path}: job file not found")
     # The file's own name, so its sibling modules import as they would under `python file.py`.
     name = path.stem if path.stem.isidentifier() and path.stem not in sys.modules else "_sshjobs_job"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
-        raise UserError(f"{path}: not a Python file")
+        raise UsageError(f"{path}: not a Python file")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     folder = str(path.resolve().parent)
@@ -182,9 +171,9 @@ def _load_file(path: Path):
     try:
         spec.loader.exec_module(module)
     except SyntaxError as exc:
-        raise UserError(f"{path}:{exc.lineno}: syntax error: {exc.msg}") from None
+        raise UsageError(f"{path}:{exc.lineno}: syntax error: {exc.msg}") from None
     except Exception as exc:
-        raise UserError(f"{path}: loading the job file failed:\n{_format_exc(exc)}") from None
+        raise UsageError(f"{path}: loading the job file failed:\n{_format_exc(exc)}") from None
     return module
 
 
@@ -210,35 +199,31 @@ def read_items(source) -> list:
         try:
             items.append(json.loads(line))
         except ValueError as exc:
-            raise UserError(f"{name}:{lineno}: not a JSON value: {exc}") from None
+            raise UsageError(f"{name}:{lineno}: not a JSON value: {exc}") from None
     return items
 
 
 # -- running --------------------------------------------------------------------------------
-def _run(coro: Awaitable) -> Any:
-    return asyncio.run(coro)
+def run_cluster(inv: Inventory, opts: Options, work: Callable[[Cluster], Awaitable[Any]], *, title: str,
+                offline: bool | None = None) -> Any:
+    """``work(cluster)`` under the live display (api.run_sync: the one way to run a Cluster)."""
+    console = opts.console() if not opts.quiet else None
+    progress = Progress([h.name for h in inv], console=console, title=title)
+
+    async def shown(cluster: Cluster) -> Any:
+        with progress:
+            return await work(cluster)
+
+    return run_sync(inv, shown, on_event=progress.event, offline=offline)
 
 
 def run_jobs(inv: Inventory, opts: Options, work: Callable[[Cluster], Awaitable[list[Result]]], *,
              title: str, per_host: bool = False, what: str = "jobs", offline: bool | None = None,
              describe: Callable[[Any], str] | None = None) -> int:
     """Connect, run ``work(cluster)`` under the live display, print the results; the exit code."""
-    console = opts.console() if not opts.quiet else None
-    progress = Progress([h.name for h in inv], console=console, title=title)
-    options = {"offline": offline} if offline is not None else {}
-
-    async def go() -> list[Result]:
-        use_lean_executor(inv)
-        with progress:
-            # Not `async with`: gather and map send each host its jobs as soon as it is up.
-            cluster = Cluster(inv, on_event=progress.event, **options)
-            try:
-                return await work(cluster)
-            finally:
-                await cluster.close()
-
     t0 = time.perf_counter()
-    results = _run(go())
+    results = run_cluster(inv, opts, work, title=title, offline=offline)
+    console = opts.console() if not opts.quiet else None
     elapsed = time.perf_counter() - t0
     emit_results(results, opts, per_host=per_host, title=title, describe=describe)
     if not opts.as_json and not opts.quiet:
@@ -295,7 +280,7 @@ def run(target, args, packages, requirement_files, offline, **kw):
     fn = load_target(target)
     values = [parse_arg(a) for a in args]
     inv = load_inventory(opts)
-    reqs = check_requirements(read_requirements(packages, requirement_files)) if packages or requirement_files else []
+    reqs = read_requirements(packages, requirement_files) if packages or requirement_files else []
 
     async def work(cluster: Cluster) -> list[Result]:
         extra = {"requirements": reqs} if reqs else {}  # installed first; jobs run in that environment
@@ -327,7 +312,7 @@ def map_cmd(target, count, args_file, retries, packages, requirement_files, offl
     fn = load_target(target)
     items = list(range(count)) if count is not None else read_items(args_file)
     inv = load_inventory(opts)
-    reqs = check_requirements(read_requirements(packages, requirement_files)) if packages or requirement_files else []
+    reqs = read_requirements(packages, requirement_files) if packages or requirement_files else []
 
     async def work(cluster: Cluster) -> list[Result]:
         extra = {"requirements": reqs} if reqs else {}
@@ -382,15 +367,12 @@ def ping(count, **kw):
     opts = _options(kw)
     inv = load_inventory(opts)
     console = opts.console() if not opts.quiet else None
-    progress = Progress([h.name for h in inv], console=console, title="ping")
 
-    async def go():
-        with progress:
-            async with Cluster(inv, on_event=progress.event) as cluster:
-                results = await cluster.ping(rounds=count, timeout=opts.timeout)
-                return [_ping_row(s, r) for s, r in zip(cluster.hosts, results)]
+    async def work(cluster: Cluster) -> list[dict]:
+        results = await cluster.ping(rounds=count, timeout=opts.timeout)
+        return [_ping_row(s, r) for s, r in zip(cluster.hosts, results)]
 
-    rows = _run(go())
+    rows = run_cluster(inv, opts, work, title="ping")
     if opts.as_json:
         for row in rows:
             print(json.dumps(row))
@@ -406,12 +388,11 @@ def ping(count, **kw):
     return EXIT_OK if all(row["ok"] for row in rows) else EXIT_FAILED
 
 
-_UNREACHABLE = {"ConnectTimeout", "ConnectionRefused", "NameError", "ConnectionError"}
-
-
 def _ping_row(state, result: Result) -> dict:
-    kind = state.error[0] if state.error else None
-    reachable = state.link is not None or (kind is not None and kind not in _UNREACHABLE)
+    # a host that refused the key or showed another host key was reached, not logged in to
+    unreachable = isinstance(state.error, ConnectError) and not isinstance(state.error, (AuthenticationError,
+                                                                                         HostKeyError))
+    reachable = state.link is not None or (state.error is not None and not unreachable)
     python = ".".join(map(str, state.hello.get("python", ()))) or None
     error = None if result.ok else (f"{result.error.type}: {result.error.message}" if result.error else "failed")
     return {
@@ -467,7 +448,7 @@ def exec_cmd(command, **kw):
         with progress:
             return await asyncio.gather(*(_exec_one(h, line, opts.timeout, sem, progress) for h in inv))
 
-    rows = _run(go())
+    rows = run_loop(inv, go)
     if opts.as_json:
         for row in rows:
             print(json.dumps(row))
@@ -479,7 +460,7 @@ def exec_cmd(command, **kw):
 async def _exec_one(host, line: str, timeout: float | None, sem: asyncio.Semaphore, progress: Progress) -> dict:
     import asyncssh
 
-    from .connection import ConnectError, HostLink, env_prefix
+    from .connection import HostLink, env_prefix
 
     row = {"host": host.name, "ok": False, "exit_status": None, "stdout": "", "stderr": "",
            "error": None, "duration": 0.0}
@@ -604,7 +585,7 @@ def env_list(**kw):
     async def work(cluster: Cluster) -> list[Result]:
         return await cluster.list_envs()
 
-    results = _run(_with_cluster(inv, opts, work, "env list"))
+    results = run_cluster(inv, opts, work, title="env list")
     if opts.as_json:
         emit_results(results, opts)
     else:
@@ -644,7 +625,7 @@ def env_prune(older_than, **kw):
     async def work(cluster: Cluster) -> list[Result]:
         return await cluster.prune_envs(older_than)
 
-    results = _run(_with_cluster(inv, opts, work, "env prune"))
+    results = run_cluster(inv, opts, work, title="env prune")
     if opts.as_json:
         emit_results(results, opts)
     else:
@@ -652,14 +633,6 @@ def env_prune(older_than, **kw):
                 [r.host, "-", "-", f"{r.error.type}: {r.error.message}" if r.error else "failed"] for r in results]
         _print_table(["host", "removed", "kept", "error"], rows, opts.console(), ok=[r.ok for r in results])
     return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
-
-
-async def _with_cluster(inv: Inventory, opts: Options, work, title: str):
-    console = opts.console() if not opts.quiet else None
-    progress = Progress([h.name for h in inv], console=console, title=title)
-    with progress:
-        async with Cluster(inv, on_event=progress.event) as cluster:
-            return await work(cluster)
 
 
 def _age(now: float, then: float | None) -> str:

@@ -10,6 +10,8 @@ import socket
 
 import asyncssh
 
+from .errors import (AuthenticationError, ConnectError, ConnectFailed, ConnectionRefused, ConnectTimeout,
+                     HostKeyError, HostNameError)
 from .inventory import Host
 from .log import get_logger
 
@@ -28,15 +30,6 @@ ENCRYPTION_ALGS = [
 # Errors worth another try: sshd drops unauthenticated connections beyond
 # MaxStartups, which the client sees as a reset or a closed connection.
 _RETRYABLE = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError, asyncssh.ConnectionLost)
-
-
-class ConnectError(Exception):
-    """A host could not be reached or logged in to; ``kind`` names the cause."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
 
 
 def shell_word(path: str) -> str:
@@ -160,21 +153,21 @@ def describe_error(host: Host, exc: BaseException) -> ConnectError:
     target = host.target
     if isinstance(exc, asyncssh.HostKeyNotVerifiable):
         kh = host.known_hosts or "~/.ssh/known_hosts"
-        return ConnectError("HostKeyError", f"{target}: host key not verified against {kh}: {exc.reason}")
+        return HostKeyError(f"{target}: host key not verified against {kh}: {exc.reason}")
     if isinstance(exc, asyncssh.PermissionDenied):
         who = host.user or "the default user"
-        return ConnectError("AuthenticationError", f"{target}: authentication failed for {who}: {exc.reason}")
+        return AuthenticationError(f"{target}: authentication failed for {who}: {exc.reason}")
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-        return ConnectError("ConnectTimeout", f"{target}: no SSH connection within {host.connect_timeout:g}s")
+        return ConnectTimeout(f"{target}: no SSH connection within {host.connect_timeout:g}s")
     if isinstance(exc, ConnectionRefusedError):
-        return ConnectError("ConnectionRefused", f"{target}: connection refused")
+        return ConnectionRefused(f"{target}: connection refused")
     if isinstance(exc, socket.gaierror):
-        return ConnectError("NameError", f"{target}: host name does not resolve: {exc}")
+        return HostNameError(f"{target}: host name does not resolve: {exc}")
     if isinstance(exc, asyncssh.DisconnectError):
-        return ConnectError("ConnectionError", f"{target}: disconnected during login: {exc.reason}")
+        return ConnectFailed(f"{target}: disconnected during login: {exc.reason}")
     if isinstance(exc, OSError):
-        return ConnectError("ConnectionError", f"{target}: {exc.strerror or exc}")
-    return ConnectError("ConnectionError", f"{target}: {type(exc).__name__}: {exc}")
+        return ConnectFailed(f"{target}: {exc.strerror or exc}")
+    return ConnectFailed(f"{target}: {type(exc).__name__}: {exc}")
 
 
 def quick_acks(conn: asyncssh.SSHClientConnection) -> None:
@@ -231,7 +224,7 @@ async def open_connection(host: Host, attempts: int = 4) -> asyncssh.SSHClientCo
                     record_host_key(host, seen["new_key"])
                 except OSError as exc:
                     conn.close()
-                    raise ConnectError("HostKeyError", f"{host.target}: cannot record the host key in"
+                    raise HostKeyError(f"{host.target}: cannot record the host key in"
                                        f" {known_hosts_path(host)}: {exc.strerror or exc}") from None
             return conn
         except (*_RETRYABLE, asyncssh.DisconnectError) as exc:

@@ -10,9 +10,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-
-class InventoryError(ValueError):
-    """The inventory cannot be used; the message names the file, the host and the key."""
+from .errors import InventoryError
 
 
 @dataclass(frozen=True)
@@ -74,8 +72,9 @@ def _type_name(value: Any) -> str:
             list: "an array", dict: "a table"}.get(type(value), type(value).__name__)
 
 
-class Inventory:
-    """An ordered set of hosts.  ``Inventory.load(path)`` or ``Inventory.from_hosts(...)``."""
+class BaseInventory:
+    """An ordered set of hosts, parsed and checked; nothing here contacts a host.
+    ``sshjobs.Inventory`` adds the verbs that run jobs on them."""
 
     def __init__(self, hosts: Iterable[Host], source: str | None = None):
         self.hosts: list[Host] = list(hosts)
@@ -83,7 +82,7 @@ class Inventory:
 
     # -- construction ----------------------------------------------------------
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Inventory":
+    def load(cls, path: str | os.PathLike) -> "BaseInventory":
         path = Path(path)
         where = str(path)
         try:
@@ -99,7 +98,7 @@ class Inventory:
         return cls.from_dict(data, source=where, base=path.resolve().parent)
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "<inventory>", base: Path | None = None) -> "Inventory":
+    def from_dict(cls, data: dict, source: str = "<inventory>", base: Path | None = None) -> "BaseInventory":
         base = base or Path.cwd()
         unknown = set(data) - {"defaults", "hosts"}
         for key in sorted(unknown):
@@ -126,7 +125,7 @@ class Inventory:
         return cls.from_hosts(hosts, source=source)
 
     @classmethod
-    def from_hosts(cls, hosts: Iterable[Host | str | dict], source: str | None = None, **defaults: Any) -> "Inventory":
+    def from_hosts(cls, hosts: Iterable[Host | str | dict], source: str | None = None, **defaults: Any) -> "BaseInventory":
         """Build an inventory in code: ``Host`` objects, names, or dicts of host keys;
         keyword arguments are defaults for every host."""
         where = source or "<inventory>"
@@ -165,7 +164,7 @@ class Inventory:
         return cls(built, source=source)
 
     # -- selection -------------------------------------------------------------
-    def select(self, selection: str | Iterable[str] | None) -> "Inventory":
+    def select(self, selection: str | Iterable[str] | None) -> "BaseInventory":
         """Hosts matching names, globs or groups (comma-separated or a list), in inventory order."""
         if selection is None:
             return self
@@ -182,7 +181,7 @@ class Inventory:
                     f"{_did_you_mean(term, names)}"
                 )
             chosen |= hit
-        return Inventory([h for h in self.hosts if h.name in chosen], source=self.source)
+        return type(self)([h for h in self.hosts if h.name in chosen], source=self.source)
 
     def __iter__(self) -> Iterator[Host]:
         return iter(self.hosts)
@@ -197,45 +196,7 @@ class Inventory:
         raise KeyError(name)
 
     def __repr__(self) -> str:
-        return f"Inventory({[h.name for h in self.hosts]!r})"
-
-    # -- running jobs (see sshjobs.api) -----------------------------------------
-    def connect(self, **options: Any):
-        """``async with inv.connect() as cluster:`` connections and workers that live across calls."""
-        from .api import Cluster
-
-        return Cluster(self, **options)
-
-    def gather(self, fn, /, *args, **kwargs):
-        """Run ``fn(*args, **kwargs)`` once on every host; a list of Result in inventory order."""
-        from .api import run_sync
-
-        return run_sync(self, "gather", fn, *args, **kwargs)
-
-    def map(self, fn, iterable, /, **options):
-        """Run ``fn(item)`` for every item over all slots; a list of Result in input order."""
-        from .api import run_sync
-
-        return run_sync(self, "map", fn, iterable, **options)
-
-    def install(self, requirements, /, **options):
-        """Install requirements in a cached uv environment on every host (see ``Cluster.install``);
-        a list of Result in inventory order."""
-        from .api import run_sync
-
-        return run_sync(self, "install", requirements, **options)
-
-    def list_envs(self):
-        """The sshjobs environments on every host; a list of Result in inventory order."""
-        from .api import run_sync
-
-        return run_sync(self, "list_envs")
-
-    def prune_envs(self, older_than="7d"):
-        """Remove environments unused for ``older_than`` (e.g. "7d") on every host."""
-        from .api import run_sync
-
-        return run_sync(self, "prune_envs", older_than)
+        return f"{type(self).__name__}({[h.name for h in self.hosts]!r})"
 
 
 def _did_you_mean(word: str, choices: Iterable[str]) -> str:

@@ -25,34 +25,23 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import asyncssh
 
 from . import remote
 from .connection import env_prefix, shell_word, split_env
+from .errors import (ConfigError, HostError, HostLost, InstallError, OfflineError, PythonMismatch, RequirementsError, UploadError,
+                     WorkerStartError, make_error)
+from .hosts import HostState
 from .log import get_logger
-from .result import Result, failure
-
-if TYPE_CHECKING:
-    from .api import Cluster, HostState
+from .result import Result, failed
 
 log = get_logger("sshjobs.provisioning")
 
 _SOURCE = Path(remote.__file__).read_bytes()
 _STUB_WORD = shlex.quote(remote.PROVISION_STUB)
 UV_METHODS = ("path", "workdir", "upload", "pip", "venv-pip")
-
-
-class ProvisionError(ValueError):
-    """The requirements cannot be used (a missing file, an unsupported line)."""
-
-
-class HostProvisionError(Exception):
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
 
 
 # -- requirements ------------------------------------------------------------------------
@@ -71,7 +60,7 @@ def parse_requirements(requirements: str | os.PathLike | Iterable[str]) -> tuple
             try:
                 lines = path.read_text("utf-8").splitlines()
             except OSError as exc:
-                raise ProvisionError(f"cannot read the requirements file {path}: {exc.strerror or exc}") from None
+                raise RequirementsError(f"cannot read the requirements file {path}: {exc.strerror or exc}") from None
         else:
             lines = [str(requirements)]
     else:
@@ -80,24 +69,24 @@ def parse_requirements(requirements: str | os.PathLike | Iterable[str]) -> tuple
     opts: list[str] = []
     for raw in lines:
         if not isinstance(raw, str):
-            raise ProvisionError(f"a requirement must be a string, not {type(raw).__name__}: {raw!r}")
+            raise RequirementsError(f"a requirement must be a string, not {type(raw).__name__}: {raw!r}")
         line = re.sub(r"(^|\s)#.*$", "", raw).strip()
         if not line:
             continue
         if line.startswith("-"):
             if line.split()[0].split("=")[0] in _UNSUPPORTED:
-                raise ProvisionError(f"unsupported requirements line (list the requirements instead): {line}")
+                raise RequirementsError(f"unsupported requirements line (list the requirements instead): {line}")
             opts.append(line)
         else:
             reqs.append(line)
     if not reqs:
-        raise ProvisionError("no requirements given")
+        raise RequirementsError("no requirements given")
     return sorted(set(reqs)), opts
 
 
 # -- one step on one host ------------------------------------------------------------------
-async def remote_call(state: "HostState", request: dict, python: str | None = None) -> dict:
-    """Run one provisioning request on a host with its ``env``; the reply, or HostProvisionError."""
+async def remote_call(state: HostState, request: dict, python: str | None = None) -> dict:
+    """Run one provisioning request on a host with its ``env``; the reply, or the HostError that says why not."""
     python = python or state.base_python
     env = dict(state.host.env) | dict(state.env)  # what the workers get too
     early, late = split_env(env)  # secrets stay off the command line
@@ -106,22 +95,23 @@ async def remote_call(state: "HostState", request: dict, python: str | None = No
     try:
         proc = await state.link.run(cmd, input=data)
     except (asyncssh.Error, OSError) as exc:
-        raise HostProvisionError("HostLost", f"{state.host.target}: connection lost: {exc}") from None
+        raise HostLost(f"{state.host.target}: connection lost: {exc}") from None
     out = proc.stdout.decode("utf-8", "replace").strip()
     try:
         reply = json.loads(out.splitlines()[-1])
     except (ValueError, IndexError):
         err = (proc.stderr or b"").decode("utf-8", "replace").strip()
         if proc.exit_status == 127 or "not found" in err[-300:]:
-            raise HostProvisionError("WorkerStartError", f"{state.host.target}: cannot run {python}: {err[-300:]}") from None
-        raise HostProvisionError("InstallError", f"{state.host.target}: {python} exited with status"
+            raise WorkerStartError(f"{state.host.target}: cannot run {python}: {err[-300:]}") from None
+        raise InstallError(f"{state.host.target}: {python} exited with status"
                                  f" {proc.exit_status}: {(err or out)[-1000:]}") from None
     if not reply.get("ok"):
-        raise HostProvisionError(reply.get("kind", "InstallError"), f"{state.host.target}: {reply.get('error')}")
+        error = make_error(reply.get("kind") or InstallError.kind, f"{state.host.target}: {reply.get('error')}")
+        raise error if isinstance(error, HostError) else InstallError(error.message)
     return reply
 
 
-def expected_hash(state: "HostState", reqs: list[str], opts: list[str]) -> str | None:
+def expected_hash(state: HostState, reqs: list[str], opts: list[str]) -> str | None:
     """The environment's id as the host will compute it, from the base worker's hello."""
     hello = state.hello
     if not all(k in hello for k in ("implementation", "realpath", "python", "index_env")):
@@ -131,7 +121,7 @@ def expected_hash(state: "HostState", reqs: list[str], opts: list[str]) -> str |
     return remote.env_hash(pid, reqs, list(opts) + list(hello["index_env"]))
 
 
-async def quick_check(state: "HostState", reqs: list[str], opts: list[str]) -> dict | None:
+async def quick_check(state: HostState, reqs: list[str], opts: list[str]) -> dict | None:
     """The no-op path: is the environment there?  One shell command, no Python start."""
     h = expected_hash(state, reqs, opts)
     if h is None:
@@ -142,7 +132,7 @@ async def quick_check(state: "HostState", reqs: list[str], opts: list[str]) -> d
     try:
         proc = await state.link.run(cmd)
     except (asyncssh.Error, OSError) as exc:
-        raise HostProvisionError("HostLost", f"{state.host.target}: connection lost: {exc}") from None
+        raise HostLost(f"{state.host.target}: connection lost: {exc}") from None
     path = proc.stdout.decode("utf-8", "replace").strip()
     if proc.exit_status != 0 or not path.startswith("/"):
         return None
@@ -178,7 +168,7 @@ def can_upload_uv(facts: dict) -> bool:
     return mine == facts.get("libc", "").split(" ")[0] and local_uv() is not None
 
 
-async def sftp_upload(state: "HostState", files: Sequence[tuple[Path, str]], mode: int = 0o600) -> int:
+async def sftp_upload(state: HostState, files: Sequence[tuple[Path, str]], mode: int = 0o600) -> int:
     """Upload (local path, remote path) pairs: each to a temporary name, then renamed, so a
     reader (or another controller) never sees half a file.  Returns the bytes sent."""
     if not files:
@@ -201,13 +191,13 @@ async def sftp_upload(state: "HostState", files: Sequence[tuple[Path, str]], mod
                     await sftp.rename(tmp, dest)
                 sent += local.stat().st_size
     except (asyncssh.Error, OSError) as exc:
-        raise HostProvisionError("UploadError", f"{state.host.target}: upload failed: {exc}") from None
+        raise UploadError(f"{state.host.target}: upload failed: {exc}") from None
     finally:
         release()
     return sent
 
 
-async def upload_uv(state: "HostState", workdir: str) -> None:
+async def upload_uv(state: HostState, workdir: str) -> None:
     path = Path(local_uv())
     await sftp_upload(state, [(path, f"{workdir}/bin/uv")], mode=0o700)
 
@@ -243,7 +233,7 @@ def _pip_command() -> list[str]:
         return [sys.executable, "-m", "pip"]
     uv = local_uv()
     if uv is None:
-        raise HostProvisionError("OfflineError", "neither pip nor uv on the controller to download wheels")
+        raise OfflineError("neither pip nor uv on the controller to download wheels")
     return [uv, "tool", "run", "pip"]
 
 
@@ -276,7 +266,7 @@ class WheelDownloads:
         out, _ = await proc.communicate()
         if proc.returncode != 0:
             text = out.decode("utf-8", "replace").strip()
-            raise HostProvisionError("OfflineError", "downloading wheels on the controller failed:\n"
+            raise OfflineError("downloading wheels on the controller failed:\n"
                                      + remote._trim(text))
         return sorted(dest.glob("*.whl"))
 
@@ -286,43 +276,43 @@ class WheelDownloads:
 
 
 # -- install on one host ---------------------------------------------------------------------
-async def install_host(cluster: "Cluster", state: "HostState", reqs: list[str], opts: list[str], *,
+async def install_host(state: HostState, reqs: list[str], opts: list[str], *,
                        offline: bool, uv: str | None, downloads: WheelDownloads) -> Result:
     """Make the environment exist on one host; a Result whose value describes it."""
     t0 = time.perf_counter()
     name = state.name
     if not state.usable:
         return state.failure(state.index)
-    cluster.emit(name, "installing", {"requirements": reqs, "offline": offline})
+    state.events.installing(name, reqs, offline)
     request = {"op": "check", "workdir": state.host.workdir, "requirements": reqs, "options": opts,
                "offline": offline}
     try:
         reply = await quick_check(state, reqs, opts) or await remote_call(state, request)
         how = "cached"
         if not reply["cached"]:
-            how, reply = await _build(cluster, state, request, reply, offline, uv, downloads)
-    except HostProvisionError as exc:
+            how, reply = await _build(state, request, reply, offline, uv, downloads)
+    except HostError as exc:
         log.warning("install failed", host=name, error=exc.kind, detail=exc.message[-500:])
-        cluster.emit(name, "install-failed", {"error": exc.message, "type": exc.kind})
-        return failure(name, exc.kind, exc.message, job=state.index, duration=time.perf_counter() - t0)
+        state.events.install_failed(name, exc.kind, exc.message)
+        return failed(exc, name, job=state.index, duration=time.perf_counter() - t0)
     value = {"env": reply["env"], "python": reply["python"], "hash": reply["hash"], "cached": reply["cached"],
              "uv": None if reply["cached"] else how, "version": reply["version"], "requirements": reqs}
     log.info("environment ready", host=name, hash=value["hash"], cached=value["cached"], uv=value["uv"])
-    cluster.emit(name, "installed", dict(value))
+    state.events.installed(name, value)
     return Result(name, True, value, duration=time.perf_counter() - t0, job=state.index)
 
 
-async def _build(cluster, state, request, reply, offline, uv, downloads) -> tuple[str, dict]:
+async def _build(state: HostState, request, reply, offline, uv, downloads) -> tuple[str, dict]:
     facts, workdir = reply["facts"], reply["workdir"]
     methods = list(UV_METHODS) if uv in (None, "auto") else [uv]
     for m in methods:
         if m not in UV_METHODS:
-            raise HostProvisionError("InstallError", f"unknown uv method {m!r}: use one of {', '.join(UV_METHODS)}")
+            raise InstallError(f"unknown uv method {m!r}: use one of {', '.join(UV_METHODS)}")
     uploaded = False
     host_uv = reply.get("uv")  # "path" or "workdir" if the host has one
     if not (host_uv and host_uv in methods) and "upload" in methods:
         if can_upload_uv(facts):
-            cluster.emit(state.name, "uploading-uv", {"path": local_uv()})
+            state.events.uploading_uv(state.name, local_uv())
             await upload_uv(state, workdir)
             uploaded = True
             log.info("uploaded uv to the host", host=state.name)
@@ -333,7 +323,7 @@ async def _build(cluster, state, request, reply, offline, uv, downloads) -> tupl
         wheels = await downloads.get(facts)
         have = reply.get("wheels", {})
         todo = [(p, f"{workdir}/wheels/{p.name}") for p in wheels if have.get(p.name) != p.stat().st_size]
-        cluster.emit(state.name, "uploading-wheels", {"count": len(todo), "skipped": len(wheels) - len(todo)})
+        state.events.uploading_wheels(state.name, len(todo), len(wheels) - len(todo))
         sent = await sftp_upload(state, todo)
         log.info("shipped wheels", host=state.name, uploaded=len(todo), skipped=len(wheels) - len(todo), bytes=sent)
     host_methods = [m for m in methods if m != "upload"]
@@ -349,23 +339,23 @@ async def _build(cluster, state, request, reply, offline, uv, downloads) -> tupl
     return ("uploaded" if uploaded and how == "workdir" else how), built
 
 
-async def install(cluster: "Cluster", requirements, *, offline: bool | None = None,
+async def install(states: list[HostState], requirements, *, offline: bool | None = None,
                   uv: str | None = None) -> list[Result]:
-    """Install ``requirements`` on every host of a started cluster; one Result per host."""
+    """Install ``requirements`` on every host (started); one Result per host."""
     reqs, opts = parse_requirements(requirements)
     downloads = WheelDownloads(reqs, opts)
     try:
         results = await asyncio.gather(*(
-            install_host(cluster, s, reqs, opts, offline=s.host.offline if offline is None else offline,
+            install_host(s, reqs, opts, offline=s.host.offline if offline is None else offline,
                          uv=uv, downloads=downloads)
-            for s in cluster.states))
+            for s in states))
     finally:
         downloads.cleanup()
     return list(results)
 
 
 # -- python = "match" --------------------------------------------------------------------------
-async def match_python(state: "HostState") -> str:
+async def match_python(state: HostState) -> str:
     """A host interpreter of the controller's Python minor version, found by uv on the host."""
     version = "%d.%d" % sys.version_info[:2]
     request = {"op": "find-python", "workdir": state.host.workdir, "version": version,
@@ -378,15 +368,14 @@ async def match_python(state: "HostState") -> str:
             elif not state.host.offline:
                 request["uv_methods"] = ["pip"]
             reply = await remote_call(state, request, python="python3")
-    except HostProvisionError as exc:
-        raise HostProvisionError(
-            "PythonMismatch",
+    except HostError as exc:
+        raise PythonMismatch(
             f"{exc.message}\n{state.host.target}: python = \"match\" found no Python {version} on the host;"
-            f" install one (uv python install {version}) or set python = \"python{version}\" for this host.",
+            f" install one (uv python install {version}) or set python = \"python{version}\" for this host."
         ) from None
     if not reply.get("python"):
-        raise HostProvisionError("PythonMismatch", f"{state.host.target}: python = \"match\" needs uv on the host,"
-                                 " and none could be found, uploaded or installed with pip")
+        raise PythonMismatch(f"{state.host.target}: python = \"match\" needs uv on the host,"
+                             " and none could be found, uploaded or installed with pip")
     log.info("matched the controller's Python", host=state.name, python=reply["python"], uv=reply.get("uv"))
     return reply["python"]
 
@@ -401,32 +390,31 @@ def parse_age(value: str | float | int) -> float:
         return float(value)
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", value)
     if not m:
-        raise ValueError(f"not an age: {value!r} (use e.g. 7d, 12h, 30m)")
+        raise ConfigError(f"not an age: {value!r} (use e.g. 7d, 12h, 30m)")
     return float(m.group(1)) * _UNITS[m.group(2) or "s"]
 
 
-async def _each(cluster: "Cluster", request: dict, key: str) -> list[Result]:
+async def _each(states: list[HostState], request: dict, key: str) -> list[Result]:
     async def one(state):
         if not state.usable:
             return state.failure(state.index)
         try:
             reply = await remote_call(state, dict(request, workdir=state.host.workdir))
-        except HostProvisionError as exc:
-            return failure(state.name, exc.kind, exc.message, job=state.index)
+        except HostError as exc:
+            return failed(exc, state.name, job=state.index)
         return Result(state.name, True, reply[key] if key else reply, job=state.index)
 
-    await cluster.start()
-    return list(await asyncio.gather(*(one(s) for s in cluster.states)))
+    return list(await asyncio.gather(*(one(s) for s in states)))
 
 
-async def list_envs(cluster: "Cluster") -> list[Result]:
+async def list_envs(states: list[HostState]) -> list[Result]:
     """The environments on every host: each Result's value is a list of dicts (hash, env,
     requirements, python, created, last_used, complete)."""
-    return await _each(cluster, {"op": "list"}, "envs")
+    return await _each(states, {"op": "list"}, "envs")
 
 
-async def prune_envs(cluster: "Cluster", older_than: str | float = "7d") -> list[Result]:
+async def prune_envs(states: list[HostState], older_than: str | float = "7d") -> list[Result]:
     """Remove environments not used for ``older_than`` (e.g. "7d"), and interrupted builds;
     an environment being built or checked at that moment is kept.  Each Result's value is
     ``{"removed": [...], "kept": [...]}``."""
-    return await _each(cluster, {"op": "prune", "older_than": parse_age(older_than)}, "")
+    return await _each(states, {"op": "prune", "older_than": parse_age(older_than)}, "")

@@ -1,51 +1,25 @@
-"""What a job returns to the caller: a Result, and RemoteError for failures."""
+"""What a job returns to the caller: a Result."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
-
-class RemoteError(Exception):
-    """A job failed: on the host (``traceback`` holds the remote traceback text) or
-    around it (connection, worker, pickling), with ``type`` naming what went wrong."""
-
-    def __init__(self, type: str, message: str, traceback: str = "", host: str | None = None):
-        super().__init__(f"{type}: {message}" if message else type)
-        self.type = type
-        self.message = message
-        self.traceback = traceback
-        self.host = host
-
-    def __reduce__(self):
-        return (RemoteError, (self.type, self.message, self.traceback, self.host))
-
-
-class Timeout(RemoteError):
-    """A job ran out of its ``timeout``; its process on the host was killed."""
-
-    def __init__(self, type: str = "Timeout", message: str = "", traceback: str = "", host: str | None = None):
-        super().__init__(type, message, traceback, host)
-
-    def __reduce__(self):
-        return (Timeout, (self.type, self.message, self.traceback, self.host))
-
-
-_ERROR_CLASSES = {"Timeout": Timeout}
-
-
-def make_error(type: str, message: str, traceback: str = "", host: str | None = None) -> RemoteError:
-    return _ERROR_CLASSES.get(type, RemoteError)(type, message, traceback, host)
+from .errors import JobError, SshjobsError, make_error
 
 
 @dataclass
 class Result:
-    """The outcome of one job on one host."""
+    """The outcome of one job on one host.
+
+    ``error`` is None when ``ok``; else an ``SshjobsError`` whose class says why (a
+    ``RemoteError`` when the job itself raised, a ``HostError`` when the host could not
+    run it, ...) and whose ``type`` is that reason's name."""
 
     host: str
     ok: bool
     value: Any = None
-    error: RemoteError | None = None
+    error: SshjobsError | None = None
     stdout: str = ""
     stderr: str = ""
     duration: float = 0.0
@@ -54,10 +28,10 @@ class Result:
     meta: dict = field(default_factory=dict, repr=False)
 
     def unwrap(self) -> Any:
-        """The value, or raise the job's RemoteError."""
+        """The value, or raise the job's error."""
         if self.ok:
             return self.value
-        raise self.error if self.error else RemoteError("Error", "job failed", host=self.host)
+        raise self.error if self.error else JobError("job failed", self.host)
 
     def __repr__(self) -> str:
         if self.ok:
@@ -66,4 +40,12 @@ class Result:
 
 
 def failure(host: str, type: str, message: str, traceback: str = "", **kw: Any) -> Result:
+    """A failed Result whose error is the class of kind ``type``."""
     return Result(host=host, ok=False, error=make_error(type, message, traceback, host), **kw)
+
+
+def failed(error: SshjobsError, host: str, **kw: Any) -> Result:
+    """A failed Result carrying ``error`` (its host filled in when it has none)."""
+    if error.host is None:
+        error.host = host
+    return Result(host=host, ok=False, error=error, **kw)

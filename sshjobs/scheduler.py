@@ -1,4 +1,5 @@
-"""Scheduling: which worker runs what, turning raw worker replies into Results."""
+"""Scheduling: pickling a job, the one path that sends it to a worker and turns the reply
+into Results (``Call``), which worker takes what (``least_loaded``), and ``MapRun``."""
 
 from __future__ import annotations
 
@@ -11,26 +12,23 @@ import re
 import site
 import sys
 import sysconfig
+import time
 import types
 import weakref
 from collections import deque
-from typing import Any, Callable, Sequence
+from typing import Any, Awaitable, Callable, NamedTuple, Sequence
 
 import cloudpickle
 
 from . import remote
-from .result import RemoteError, Result, failure
-from .worker import AllOk, Worker, WorkerError, decode_results, dumps
+from .errors import (HostError, PicklingError, ProtocolError, RemoteError, SshjobsError, Timeout, WorkerLost,
+                     make_error)
+from .hosts import HostState
+from .result import Result, failed, failure
+from .worker import AllOk, Worker, decode_results, dumps
 
 DEPTH = 4  # MAP jobs in flight per worker, so tiny items are not bound by round trips
 MAX_CHUNK = 2048
-
-
-class PickleFailure(Exception):
-    def __init__(self, what: str, exc: BaseException):
-        super().__init__(f"cannot pickle the {what}: {type(exc).__name__}: {exc}")
-        self.what = what
-        self.message = str(self)
 
 
 _INSTALLED = tuple(
@@ -183,7 +181,7 @@ def pickle_function(fn: Callable) -> bytes:
     try:
         data = cloudpickle.dumps(fn, protocol=5)
     except Exception as exc:
-        raise PickleFailure("function", exc) from None
+        raise PicklingError(f"cannot pickle the function: {type(exc).__name__}: {exc}") from None
     if fp is not None:
         _PICKLED[fn] = (fp, data)
     return data
@@ -196,7 +194,7 @@ def make_results(worker: Worker, raw, outputs, indices: Sequence[int], attempts:
     try:
         decoded = decode_results(raw, loads)
     except Exception as exc:  # a broken frame: never silently lose the jobs
-        return [failure(host, "ProtocolError", f"cannot decode the result: {exc}", job=i, attempts=attempts)
+        return [failure(host, ProtocolError.kind, f"cannot decode the result: {exc}", job=i, attempts=attempts)
                 for i in indices]
     if not outputs and type(decoded) is AllOk:  # a chunk of quiet successes, kept tight for map
         # Thousands of new objects at once: one young-generation collection after them
@@ -210,43 +208,51 @@ def make_results(worker: Worker, raw, outputs, indices: Sequence[int], attempts:
         finally:
             if enabled:
                 gc.enable()
-    if not outputs and all([d[0] for d in decoded]):
-        results = [Result(host, True, value, None, so, se, took, attempts, index)
-                   for index, (_, value, so, se, took) in zip(indices, decoded)]
+    if not outputs and all([d.ok for d in decoded]):
+        results = [Result(host, True, d.value, None, d.stdout, d.stderr, d.duration, attempts, index)
+                   for index, d in zip(indices, decoded)]
         decoded = ()
     else:
         results = []
-    for item, (index, (ok, value, so, se, took)) in enumerate(zip(indices, decoded)):
+    for item, (index, d) in enumerate(zip(indices, decoded)):
+        so, se = d.stdout, d.stderr
         if outputs:
             out = outputs.get((item, remote.STDOUT))
             err = outputs.get((item, remote.STDERR))
             so = out.text(so) if out else so
             se = err.text(se) if err else se
-        if ok:
-            results.append(Result(host, True, value, None, so, se, took, attempts, index))
+        if d.ok:
+            results.append(Result(host, True, d.value, None, so, se, d.duration, attempts, index))
+        elif isinstance(d.value, SshjobsError):  # decoded badly here (unpicklable, unsafe)
+            d.value.host = host
+            results.append(Result(host, False, None, d.value, so, se, d.duration, attempts, index))
         else:
-            etype, msg, tb = value
+            etype, msg, tb = d.value
             if fn is not None and "<dynamic-code>" in tb:
                 tb = enrich_traceback(tb, code_files(fn))
-            results.append(Result(host, False, None, RemoteError(etype, msg, tb, host), so, se, took, attempts, index))
+            results.append(Result(host, False, None, RemoteError(etype, msg, tb, host), so, se, d.duration,
+                                  attempts, index))
     if len(results) < len(indices):  # a job that errored before its items ran
-        first = results[0] if results else failure(host, "ProtocolError", "no result")
+        first = results[0] if results else failure(host, ProtocolError.kind, "no result")
         for index in indices[len(results):]:
             results.append(Result(host, False, None, first.error, "", "", 0.0, attempts, index))
     return results
 
 
 def timeout_failure(host: str, timeout: float | None, index: int, attempts: int = 1) -> Result:
-    return failure(host, "Timeout", f"the job did not finish within {timeout:g}s; its process on the host"
-                   " was killed", job=index, attempts=attempts)
+    return failed(Timeout(f"the job did not finish within {timeout:g}s; its process on the host was killed"),
+                  host, job=index, attempts=attempts)
 
 
-def worker_failure(worker: Worker | None, host: str, exc: BaseException, index: int, attempts: int = 1) -> Result:
-    if isinstance(exc, WorkerError):
-        return failure(host, exc.kind, exc.message, job=index, attempts=attempts)
-    if isinstance(exc, asyncio.TimeoutError):
-        return failure(host, "Timeout", "the job did not finish in time", job=index, attempts=attempts)
+def worker_failure(exc: BaseException, host: str, index: int, attempts: int = 1) -> Result:
+    """The Result of a job whose worker or host failed under it."""
+    if isinstance(exc, SshjobsError):
+        return failed(exc, host, job=index, attempts=attempts)
     return failure(host, type(exc).__name__, str(exc), job=index, attempts=attempts)
+
+
+def pickling_failure(exc: BaseException, host: str, index: int = 0, what: str = "the arguments") -> Result:
+    return failed(PicklingError(f"cannot pickle {what}: {type(exc).__name__}: {exc}"), host, job=index)
 
 
 def chunk_size(n: int, workers: int) -> int:
@@ -256,15 +262,140 @@ def chunk_size(n: int, workers: int) -> int:
     return max(1, min(MAX_CHUNK, n // (workers * 8) or 1))
 
 
-class MapRun:
-    """One ``map``: a queue of index ranges, one pump per worker, results by index."""
+class Call:
+    """One job sent to one worker, the only way a job is sent: gather, submit, ping and map
+    all go through it.  ``out`` is a future of its Result (``one``) or of a list of Results
+    (a MAP chunk, one per index).
 
-    def __init__(self, cluster, fn: Callable, fn_bytes: bytes, items: list, *, chunksize: int | None,
-                 timeout: float | None, retries: int, exclude: set | None = None,
-                 loads: Callable | None = None):
-        self.cluster = cluster
-        self.exclude = exclude or set()  # host indices that take no items (their install failed)
-        self.loads = loads or (lambda state: state.loads)  # HostState -> the results' unpickler
+    On ``timeout`` the job fails with Timeout and the worker is killed; when the caller
+    gives up (cancels ``out``) a job still running is killed, so none runs on unseen.
+    ``error`` is what failed under it (a lost worker or host) for a caller that may retry;
+    with ``report_errors`` False the caller reports those Results itself.
+
+    One object per job rather than closures and their cells: with 10,000 submits in
+    flight the cyclic GC's re-scans of those objects were half of the submit path's CPU.
+    """
+
+    __slots__ = ("state", "worker", "fn", "indices", "attempt", "loads", "timeout", "raw", "out", "timer",
+                 "error", "one", "report_errors")
+
+    def __init__(self, state: HostState, worker: Worker, kind: int, fn: Callable, fn_bytes: bytes, body,
+                 indices: Sequence[int], *, timeout: float | None = None, loads=None, attempt: int = 1,
+                 one: bool = True, report_errors: bool = True):
+        self.raw = worker.send(kind, fn_bytes, body, len(indices))  # raises if the body does not pickle
+        self.state = state
+        self.worker = worker
+        self.fn = fn
+        self.indices = indices
+        self.attempt = attempt
+        self.loads = loads
+        self.timeout = timeout
+        self.error: BaseException | None = None
+        self.one = one
+        self.report_errors = report_errors
+        loop = asyncio.get_running_loop()
+        self.out: asyncio.Future = loop.create_future()
+        self.timer = None
+        state.events.running(state.name, indices[0], len(indices))
+        self.raw.add_done_callback(self.done)
+        self.out.add_done_callback(self.given_up)
+        if timeout is not None:
+            self.timer = loop.call_later(timeout, self.expired)
+
+    def _settle(self, results: list[Result], report: bool = True) -> None:
+        if report:
+            self.state.events.done(self.state.name, results)
+        self.out.set_result(results[0] if self.one else results)
+
+    def done(self, f: asyncio.Future) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        exc = None if f.cancelled() else f.exception()  # retrieved even when nobody waits
+        if self.out.done():
+            return
+        if f.cancelled():
+            self.out.cancel()
+            return
+        host = self.state.name
+        if exc is not None:
+            self.error = exc
+            self._settle([worker_failure(exc, host, i, self.attempt) for i in self.indices], self.report_errors)
+        else:
+            raw, outputs = f.result()
+            self._settle(make_results(self.worker, raw, outputs, self.indices, self.attempt, self.loads, self.fn))
+
+    def expired(self) -> None:
+        if not self.raw.done() and not self.out.done():
+            self._settle([timeout_failure(self.state.name, self.timeout, i, self.attempt) for i in self.indices])
+            self.state.discard(self.worker)
+
+    def given_up(self, o: asyncio.Future) -> None:
+        if o.cancelled() and not self.raw.done():  # the caller gave up: kill the job
+            self.state.discard(self.worker)
+
+
+async def call(state: HostState, slot: int, fn: Callable, fn_bytes: bytes, body, index: int, *,
+               timeout: float | None = None, loads=None) -> Result:
+    """``fn`` on one slot of a host (its worker started if needed): one Result."""
+    worker = await state.worker(slot)
+    if worker is None:
+        return state.failure(index)
+    try:
+        job = Call(state, worker, remote.CALL, fn, fn_bytes, body, (index,), timeout=timeout, loads=loads)
+    except Exception as exc:
+        return pickling_failure(exc, state.name, index)
+    return await job.out
+
+
+async def ping(state: HostState, rounds: int, timeout: float | None) -> Result:
+    """An empty job's round trip through slot 0's worker, ``rounds`` times: the median."""
+    fn_bytes = pickle_function(int)  # a builtin: nothing to ship, nothing to import
+    body = dumps(((), {}))
+    times = []
+    result = state.failure(state.index)
+    for _ in range(max(1, rounds)):
+        t0 = time.perf_counter()
+        result = await call(state, 0, int, fn_bytes, body, state.index, timeout=timeout, loads=state.loads)
+        if not result.ok:
+            return result
+        times.append(time.perf_counter() - t0)
+    result.value = sorted(times)[len(times) // 2]
+    result.duration = sum(times)
+    return result
+
+
+def least_loaded(workers: list[Worker]) -> Worker | None:
+    best = None
+    for w in workers:
+        if w.alive and (best is None or w.in_flight < best.in_flight):
+            best = w
+            if w.in_flight == 0:
+                break
+    return best
+
+
+class Chunk(NamedTuple):
+    """A range of a map's items waiting to run.  ``alone``: a suspect of killing a worker,
+    run with nothing else in flight on its worker so that a death points at its culprit."""
+
+    start: int
+    end: int
+    attempt: int
+    alone: bool
+
+
+class MapRun:
+    """One ``map``: a queue of Chunks, one pump per slot, Results by index.
+
+    ``ready(state)`` waits until a host is up (the Cluster's start); ``loads(state)`` is a
+    host's results' unpickler."""
+
+    def __init__(self, hosts: list[HostState], ready: Callable[[HostState], Awaitable[bool]], fn: Callable,
+                 fn_bytes: bytes, items: list, *, chunksize: int | None, timeout: float | None, retries: int,
+                 loads: Callable[[HostState], Callable | None]):
+        self.hosts = hosts
+        self.ready = ready
+        self.loads = loads
         self.fn = fn
         self.fn_bytes = fn_bytes
         self.items = items
@@ -272,12 +403,11 @@ class MapRun:
         self.timeout = timeout
         self.retries = retries
         self.chunksize = chunksize
-        # (start, end, attempt, alone); "alone" jobs are suspects of killing a worker: each
-        # runs with nothing else in flight on its worker, so a death points at its culprit.
-        self.queue: deque[tuple[int, int, int, bool]] = deque()
+        self.queue: deque[Chunk] = deque()
         self.last_host = "-"
         self.last_error: Result | None = None
         self.wake = asyncio.Event()
+        self.finished = asyncio.Event()
         self.outstanding = 0  # jobs sent and not yet answered, over all pumps
         # With a timeout each job is one item and runs alone, so the clock is its own.
         self.depth = 1 if timeout else DEPTH
@@ -286,19 +416,16 @@ class MapRun:
         n = len(self.items)
         if n == 0:
             return []
-        hosts = [s for s in self.cluster.states if s.index not in self.exclude]
         # Hosts still starting count with their inventory's slots ("auto" hosts are started).
-        nslots = sum(s.nslots if s.opening is None or s.opening.done() else int(s.host.slots)
-                     for s in hosts if s.error is None)
+        nslots = sum(s.nslots if s.up else int(s.host.slots) for s in self.hosts if s.error is None)
         size = self.chunksize or (1 if self.timeout else chunk_size(n, max(1, nslots)))
         for start in range(0, n, size):
-            self.queue.append((start, min(n, start + size), 1, False))
+            self.queue.append(Chunk(start, min(n, start + size), 1, False))
         # Few jobs: one pump must not take several while other slots stay idle.
         self.depth = max(1, min(self.depth, -(-len(self.queue) // max(1, nslots))))
-        self.finished = asyncio.Event()
         # A pump per host: its slots' pumps start when the host is up; a pump whose worker
         # dies replaces it.
-        pumps = [asyncio.create_task(self.host_pump(state)) for state in hosts]
+        pumps = [asyncio.create_task(self.host_pump(state)) for state in self.hosts]
         try:
             await asyncio.gather(*pumps)
         finally:
@@ -307,10 +434,10 @@ class MapRun:
         self.fail_rest()
         return self.results  # type: ignore[return-value]
 
-    async def host_pump(self, state) -> None:
-        if state.opening is not None and not state.opening.done():
+    async def host_pump(self, state: HostState) -> None:
+        if not state.up:
             # Wait for the host, unless the others finish every item first.
-            up = asyncio.ensure_future(self.cluster.ready(state))
+            up = asyncio.ensure_future(self.ready(state))
             finished = asyncio.ensure_future(self.finished.wait())
             try:
                 await asyncio.wait((up, finished), return_when=asyncio.FIRST_COMPLETED)
@@ -322,9 +449,9 @@ class MapRun:
         if not state.usable:
             self.note_lost(state)
             return
-        await asyncio.gather(*(self.pump(state, slot) for slot in range(state.nslots)))
+        await asyncio.gather(*(self.pump(state, slot) for slot in state.slots()))
 
-    def note_lost(self, state) -> None:
+    def note_lost(self, state: HostState) -> None:
         """A host that failed gives the items no host could run their error, if none yet."""
         if state.error is not None and self.last_error is None:
             self.last_error = state.failure()
@@ -339,35 +466,32 @@ class MapRun:
                 else:
                     self.results[i] = failure(self.last_host, "NoHosts", "no host could run this job", job=i)
 
-    async def pump(self, state, slot: int) -> None:
-        inflight: dict[asyncio.Future, tuple[int, int, int, Worker, bool]] = {}
+    async def pump(self, state: HostState, slot: int) -> None:
+        inflight: dict[asyncio.Future, tuple[Chunk, Call]] = {}
         try:
             await self._pump(state, slot, inflight)
         except asyncio.CancelledError:
-            # The map was cancelled: kill the jobs still running, none may go on unseen.
-            for fut, (_, _, _, w, _) in inflight.items():
-                if not fut.done():
-                    fut.cancel()
-                    self.cluster.discard_worker(state, slot, w)
+            # The map was cancelled: the jobs still running are killed (Call.given_up).
+            for fut in inflight:
+                fut.cancel()
             raise
 
-    async def _pump(self, state, slot: int, inflight: dict) -> None:
+    async def _pump(self, state: HostState, slot: int, inflight: dict) -> None:
         loads = self.loads(state)
         while True:
-            worker = await self.cluster.worker_for(state, slot)
+            worker = await state.worker(slot)
             if worker is None:  # the host is gone; others take the work
                 self.note_lost(state)
                 break
             while self.queue and len(inflight) < self.depth and worker.alive:
-                if inflight and (self.queue[0][3] or any(job[4] for job in inflight.values())):
+                if inflight and (self.queue[0].alone or any(c.alone for c, _ in inflight.values())):
                     break
-                start, end, attempt, alone = self.queue.popleft()
-                fut = self.send(worker, start, end, attempt)
-                if fut is not None:
-                    inflight[fut] = (start, end, attempt, worker, alone)
+                chunk = self.queue.popleft()
+                job = self.send(state, worker, chunk, loads)
+                if job is not None:
+                    inflight[job.out] = (chunk, job)
                     self.outstanding += 1
-                    self.cluster._emit_running(state.name, start, end - start)
-                    if alone:
+                    if chunk.alone:
                         break
             if not inflight:
                 if not self.queue and self.outstanding == 0:
@@ -377,76 +501,45 @@ class MapRun:
                 self.wake.clear()
                 await self.wake.wait()
                 continue
-            done, _ = await asyncio.wait(inflight, timeout=self.timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
-            if not done:  # timed out: the job (one item) fails and the worker is replaced
-                for fut, (start, end, attempt, w, _) in inflight.items():
-                    for i in range(start, end):
-                        self.results[i] = timeout_failure(w.host.name, self.timeout, i, attempt)
-                    self.outstanding -= 1
-                    fut.cancel()
-                    self.cluster._emit_done(state.name, self.results[start:end])
-                inflight.clear()
-                self.cluster.discard_worker(state, slot, worker)
-                self.wake.set()
-                continue
+            done, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
             for fut in done:
-                start, end, attempt, w, alone = inflight.pop(fut)
+                chunk, job = inflight.pop(fut)
                 self.outstanding -= 1
-                exc = fut.exception()
-                if exc is None:
-                    raw, outputs = fut.result()
-                    got = make_results(w, raw, outputs, range(start, end), attempt, loads, self.fn)
-                    if len(got) == end - start:  # always, by make_results' contract
-                        self.results[start:end] = got
-                    else:
-                        for r in got:
-                            self.results[r.job] = r
-                    self.cluster._emit_done(state.name, got)
-                elif not alone and isinstance(exc, WorkerError) and exc.kind == "WorkerLost":
+                got = fut.result()
+                if job.error is None:  # results, or a timeout (never tried again)
+                    self.results[chunk.start:chunk.end] = got
+                elif not chunk.alone and isinstance(job.error, WorkerLost):
                     # The worker died under this job or one beside it: run its items again one
                     # by one, each alone on its worker (same attempt), so only the item that
                     # kills a worker fails and the others still run.
-                    self.queue.extend((i, i + 1, attempt, True) for i in range(start, end))
-                elif attempt <= self.retries:
-                    self.queue.append((start, end, attempt + 1, alone))
+                    self.queue.extend(Chunk(i, i + 1, chunk.attempt, True) for i in range(chunk.start, chunk.end))
+                elif chunk.attempt <= self.retries:
+                    self.queue.append(chunk._replace(attempt=chunk.attempt + 1))
                 else:
-                    for i in range(start, end):
-                        self.results[i] = self.last_error = worker_failure(w, w.host.name, exc, i, attempt)
-                    self.cluster._emit_done(state.name, self.results[start:end])
+                    self.results[chunk.start:chunk.end] = got
+                    self.last_error = got[-1]
+                    state.events.done(state.name, got)
             self.wake.set()
         # A pump that stops hands its unfinished work back.
-        for fut, (start, end, attempt, w, alone) in inflight.items():
+        for chunk, _ in inflight.values():
             self.outstanding -= 1
-            self.queue.append((start, end, attempt, alone))
+            self.queue.append(chunk)
         self.wake.set()
 
-    def send(self, worker: Worker, start: int, end: int, attempt: int):
-        chunk = self.items[start:end]
+    def send(self, state: HostState, worker: Worker, chunk: Chunk, loads) -> Call | None:
+        start, end = chunk.start, chunk.end
         try:
-            return worker.send(remote.MAP, self.fn_bytes, (chunk,), end - start)
+            return Call(state, worker, remote.MAP, self.fn, self.fn_bytes, (self.items[start:end],),
+                        range(start, end), timeout=self.timeout, loads=loads, attempt=chunk.attempt, one=False,
+                        report_errors=False)
         except Exception:
             pass
         # Something in the chunk does not pickle: fail just those items, send the rest.
-        good = []
         for i in range(start, end):
             try:
                 dumps((self.items[i],))
-                good.append(i)
             except Exception as exc:
-                self.results[i] = failure(worker.host.name, "PicklingError",
-                                          f"cannot pickle item {i}: {type(exc).__name__}: {exc}", job=i)
-        for i in good:
-            self.queue.append((i, i + 1, attempt, False))
+                self.results[i] = pickling_failure(exc, state.name, i, f"item {i}")
+            else:
+                self.queue.append(Chunk(i, i + 1, chunk.attempt, False))
         return None
-
-
-def least_loaded(workers: list[Worker]) -> Worker | None:
-    best = None
-    for w in workers:
-        if w.alive and (best is None or w.in_flight < best.in_flight):
-            best = w
-            if w.in_flight == 0:
-                break
-    return best
-

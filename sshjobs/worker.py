@@ -12,6 +12,7 @@ import sys
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from itertools import repeat
+from typing import Any, NamedTuple
 from pathlib import Path
 
 import asyncssh
@@ -19,6 +20,7 @@ import cloudpickle
 
 from . import remote
 from .connection import HostLink, env_prefix, shell_word, split_env
+from .errors import HostLost, PythonMismatch, UnpicklableResult, UnsafeResult, WorkerError, WorkerLost, WorkerStartError
 from .log import get_logger
 from .safe import RefusedType
 
@@ -79,15 +81,6 @@ def _cloudpickle_sources() -> dict[str, str]:
     return {f"cloudpickle/{p.name}": p.read_text("utf-8") for p in root.glob("*.py")}
 
 
-class WorkerError(Exception):
-    """The worker could not start or went away; ``kind`` names how."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
-
-
 class _Session(asyncssh.SSHClientSession):
     def __init__(self, worker: "Worker"):
         self.worker = worker
@@ -128,7 +121,7 @@ class Worker:
         self.on_output = on_output  # callback(worker, job_id, item, stream, text): live output
         self.max_output = max_output
         self.hello: dict = {}
-        self.state = None  # the Cluster's HostState, once started
+        self.slot: int | None = None  # its slot on the host, once started
         self.exit_status: int | None = None
         self.exit_signal: str | None = None
         self.alive = False
@@ -165,11 +158,11 @@ class Worker:
         except asyncssh.ChannelOpenError as exc:
             self._release()
             if conn.is_closed():
-                raise WorkerError("HostLost", f"{self.host.target}: connection lost: {exc.reason}") from None
-            raise WorkerError("WorkerStartError", f"{self.host.target}: cannot open a channel: {exc.reason}") from None
+                raise HostLost(f"{self.host.target}: connection lost: {exc.reason}") from None
+            raise WorkerStartError(f"{self.host.target}: cannot open a channel: {exc.reason}") from None
         except (asyncssh.Error, OSError) as exc:
             self._release()
-            raise WorkerError("HostLost", f"{self.host.target}: connection lost while starting a worker: {exc}") from None
+            raise HostLost(f"{self.host.target}: connection lost while starting a worker: {exc}") from None
         self.alive = True
         _, late = split_env(self.env)
         workdir = self.host.workdir or "~/.cache/sshjobs"
@@ -184,12 +177,11 @@ class Worker:
             self.hello = await asyncio.wait_for(asyncio.shield(self._hello), timeout)
         except asyncio.TimeoutError:
             self.close()
-            raise WorkerError("WorkerStartError", f"{self.host.target}: worker did not start within {timeout:g}s") from None
+            raise WorkerStartError(f"{self.host.target}: worker did not start within {timeout:g}s") from None
         mine, theirs = sys.version_info[:2], tuple(self.hello["python"][:2])
         if mine != theirs:
             self.close()
-            raise WorkerError(
-                "PythonMismatch",
+            raise PythonMismatch(
                 f"{self.host.target}: the host's {self.python} is Python {'.'.join(map(str, self.hello['python']))}"
                 f" but the controller runs Python {sys.version.split()[0]}; cloudpickle needs the same minor version."
                 f' Set python = "python{mine[0]}.{mine[1]}" for this host in the inventory, or python = "match".',
@@ -261,9 +253,6 @@ class Worker:
             blob = blob.data
         self._write(kind, job_id, remote.FID.pack(fid), blob)
         return fut
-
-    async def drain(self) -> None:
-        await self._writable.wait()
 
     def _write(self, kind: int, job_id: int, *parts: bytes) -> None:
         """Queue a frame.  Big payloads are fed to the channel piece by piece as it drains
@@ -380,7 +369,7 @@ class Worker:
                 self._hello.set_result(json.loads(body))
         elif kind == remote.FATAL:
             etype, msg, tb = json.loads(body)
-            err = WorkerError("WorkerStartError", f"{self.host.target}: worker failed to start: {etype}: {msg}")
+            err = WorkerStartError(f"{self.host.target}: worker failed to start: {etype}: {msg}")
             if self._hello and not self._hello.done():
                 self._hello.set_exception(err)
 
@@ -402,9 +391,9 @@ class Worker:
             how = f" (exit status {self.exit_status})"
         tail = self.stderr_tail.strip()
         if self.exit_status == 127 or "not found" in tail[-300:]:
-            return WorkerError("WorkerStartError", f"{self.host.target}: cannot run {self.python}{how}: {tail[-300:]}")
+            return WorkerStartError(f"{self.host.target}: cannot run {self.python}{how}: {tail[-300:]}")
         detail = f": {tail[-500:]}" if tail else ""
-        return WorkerError("WorkerLost", f"{self.host.target}: the worker process ended{how}{detail}")
+        return WorkerLost(f"{self.host.target}: the worker process ended{how}{detail}")
 
     def _lost(self, exc) -> None:
         self.alive = False
@@ -415,7 +404,7 @@ class Worker:
             self._release = None
         err = self._lost_error()
         if exc is not None and self.exit_status is None and self.exit_signal is None:
-            err = WorkerError("HostLost", f"{self.host.target}: connection lost: {exc}")
+            err = HostLost(f"{self.host.target}: connection lost: {exc}")
         if self._hello and not self._hello.done():
             self._hello.set_exception(err)
             self._hello.exception()  # retrieved: nobody waits for it when the start was cancelled
@@ -516,7 +505,7 @@ class Buffered:
 
 class AllOk(Sequence):
     """decode_results() of a chunk whose items all succeeded quietly: ``values`` and
-    ``durations``, and the usual (ok, value, stdout, stderr, duration) tuples only on demand."""
+    ``durations``, and the usual Items only on demand."""
 
     def __init__(self, values: list, durations: list):
         self.values = values
@@ -526,7 +515,8 @@ class AllOk(Sequence):
     def _list(self) -> list:
         if self._rows is None:
             n = len(self.values)
-            self._rows = list(zip(repeat(True, n), self.values, repeat("", n), repeat("", n), self.durations))
+            self._rows = list(map(Item._make, zip(repeat(True, n), self.values, repeat("", n), repeat("", n),
+                                                  self.durations)))
         return self._rows
 
     def __len__(self) -> int:
@@ -539,8 +529,20 @@ class AllOk(Sequence):
         return iter(self._list())
 
 
-def decode_results(body, safe_loads=None) -> list[tuple]:
-    """RESULT payload -> [(ok, value or (type, message, traceback), stdout, stderr, duration)].
+class Item(NamedTuple):
+    """One job's (or map item's) part of a RESULT.  When not ``ok``, ``value`` is the job's
+    exception as (type name, message, traceback text), or the SshjobsError of a value that
+    did not decode on the controller."""
+
+    ok: bool
+    value: Any
+    stdout: str
+    stderr: str
+    duration: float
+
+
+def decode_results(body, safe_loads=None) -> "list[Item] | AllOk":
+    """RESULT payload -> one Item per job or map item.
 
     With ``safe_loads`` (safe_results) every part the host sent goes through it, the
     bookkeeping and error tuples included, not only the values.  ``body`` may be Buffered:
@@ -561,11 +563,11 @@ def decode_results(body, safe_loads=None) -> list[tuple]:
             values = loads(view[pos:], buffers=buffers) if buffers else loads(view[pos:])
         except Exception as exc:  # the chunk's values arrive together, so they fail together
             if isinstance(exc, RefusedType):
-                err = ("UnsafeResult", str(exc), "")
+                err = UnsafeResult(str(exc))
             else:
-                err = ("UnpicklableResult", "the job's return value could not be unpickled on the controller: "
-                       f"{type(exc).__name__}: {exc}", "")
-            return list(zip(repeat(False, n), repeat(err, n), repeat("", n), repeat("", n), durations))
+                err = UnpicklableResult("the job's return value could not be unpickled on the controller: "
+                                        f"{type(exc).__name__}: {exc}")
+            return list(map(Item._make, zip(repeat(False, n), repeat(err, n), repeat("", n), repeat("", n), durations)))
         return AllOk(values, durations)
     out = []
     taken = 0
@@ -581,12 +583,12 @@ def decode_results(body, safe_loads=None) -> list[tuple]:
                 value = loads(blob, buffers=mine) if nbuf else loads(blob)
             except RefusedType as exc:
                 ok = False
-                value = ("UnsafeResult", str(exc), "")
+                value = UnsafeResult(str(exc))
             except Exception as exc:
                 ok = False
-                value = ("UnpicklableResult",
-                         f"the job's return value could not be unpickled on the controller: {type(exc).__name__}: {exc}", "")
+                value = UnpicklableResult("the job's return value could not be unpickled on the controller:"
+                                          f" {type(exc).__name__}: {exc}")
         else:
             value = loads(blob, buffers=mine) if nbuf else loads(blob)
-        out.append((ok, value, so, se, took))
+        out.append(Item(ok, value, so, se, took))
     return out

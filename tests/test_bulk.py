@@ -12,6 +12,7 @@ import signal
 import pytest
 
 from sshjobs import remote
+from sshjobs.errors import UnpicklableResult
 from sshjobs.safe import RefusedType, make_loads
 from sshjobs.worker import Buffered, Worker, decode_results, dumps, Pickled
 
@@ -107,14 +108,14 @@ def test_decode_results_hands_each_value_its_own_buffers():
     assert got[0][1][1] is buffers[0] and got[2][1][0] is buffers[1]
     short = decode_results(Buffered(body, buffers[:1]))  # a buffer missing: that value fails
     assert short[0][0] and short[1][0] and not short[2][0]
-    assert short[2][1][0] == "UnpicklableResult"
+    assert isinstance(short[2].value, UnpicklableResult) and short[2].value.type == "UnpicklableResult"
 
 
 def test_safe_results_still_refuses_a_forbidden_type_inside_a_big_result():
     big = os.urandom(2 * MB)
     body, buffers = result_body([big, Sneaky("/tmp/sshjobs-never-big")], {"ok": big})
     got = decode_results(Buffered(body, buffers), make_loads())
-    assert not got[0][0] and got[0][1][0] == "UnsafeResult" and "posix.mkdir" in got[0][1][1]
+    assert not got[0].ok and got[0].value.type == "UnsafeResult" and "posix.mkdir" in got[0].value.message
     assert got[1][:2] == (True, {"ok": big})  # the next value still gets its own buffer
     assert not os.path.exists("/tmp/sshjobs-never-big")
     with pytest.raises(RefusedType):

@@ -203,7 +203,7 @@ def test_docker_kill_during_a_map_with_retries_loses_nothing(docker_lab, faults)
         assert retried, "the killed node's jobs in flight should have been retried elsewhere"
         assert all(r.host != victim for r in retried)
         # the killed node is given up for this session (its connection closed)
-        assert errors[2] is not None and ("closed" in errors[2][1] or "lost" in errors[2][1]), errors
+        assert errors[2] is not None and ("closed" in errors[2].message or "lost" in errors[2].message), errors
         assert after_kill < 30, after_kill
 
 

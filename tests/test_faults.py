@@ -16,7 +16,7 @@ from functools import partial
 
 import pytest
 
-from sshjobs import Inventory, Timeout
+from sshjobs import HostLost, Inventory, Timeout
 
 from .conftest import user_processes, wait_no_processes
 
@@ -244,7 +244,7 @@ def test_map_retries_run_lost_jobs_on_other_hosts_and_keep_received_results(inv,
 
     with faults.inject("host lost in the middle of a map (retries=1)"):
         results, error = asyncio.run(go())
-        assert error and error[0] == "HostLost"
+        assert isinstance(error, HostLost) and error.type == "HostLost"
         faults.expect(results, {i: i * i for i in range(60)})
         assert any(r.host == "node08" for r in results)  # it took part before it was lost
         assert any(r.attempts == 2 for r in results)  # and its jobs ran again elsewhere

@@ -23,7 +23,8 @@ import pytest
 
 from sshjobs import Inventory, remote
 from sshjobs.inventory import Host
-from sshjobs.provisioning import ProvisionError, parse_age, parse_requirements, platform_args
+from sshjobs.errors import RequirementsError
+from sshjobs.provisioning import parse_age, parse_requirements, platform_args
 
 CLOSED_INDEX = "http://127.0.0.1:9/simple"  # the discard port: nothing listens, so connects are refused
 # The controller reaches the package index through a TLS-inspecting proxy here; the hosts'
@@ -96,11 +97,11 @@ def test_requirements_from_list_string_and_file(tmp_path):
     req.write_text("# tools\n--index-url https://example.org/simple\nsix  # inline comment\n\nattrs>=22\n")
     assert parse_requirements(req) == (["attrs>=22", "six"], ["--index-url https://example.org/simple"])
     assert parse_requirements(str(req)) == parse_requirements(req)
-    with pytest.raises(ProvisionError, match="cannot read"):
+    with pytest.raises(RequirementsError, match="cannot read"):
         parse_requirements(tmp_path / "missing.txt")
-    with pytest.raises(ProvisionError, match="unsupported"):
+    with pytest.raises(RequirementsError, match="unsupported"):
         parse_requirements(["-r other.txt"])
-    with pytest.raises(ProvisionError, match="no requirements"):
+    with pytest.raises(RequirementsError, match="no requirements"):
         parse_requirements([])
 
 

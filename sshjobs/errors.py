@@ -1,0 +1,297 @@
+"""Every error sshjobs raises or puts in a Result, as one tree.
+
+An error's reason is its class; ``kind`` (a class attribute) is the string that
+``Result.error.type`` and the CLI show, kept stable across versions.  This module imports
+nothing else of sshjobs, so every other module can use it.
+
+    SshjobsError
+    ├── ConfigError (also a ValueError)    input that cannot be used; nothing was contacted
+    │   ├── InventoryError                 an inventory file, dict or host list
+    │   ├── RequirementsError              a requirements list or file
+    │   └── UsageError                     a CLI target, argument or job file
+    ├── ClusterClosed                      a call on a Cluster that was closed
+    ├── HostError                          the host could not run the job
+    │   ├── ConnectError                   no SSH session: the host was never reached
+    │   │   ├── ConnectTimeout             "ConnectTimeout"
+    │   │   ├── ConnectionRefused          "ConnectionRefused"
+    │   │   ├── HostNameError              "NameError": the name does not resolve
+    │   │   ├── AuthenticationError        "AuthenticationError"
+    │   │   ├── HostKeyError               "HostKeyError"
+    │   │   └── ConnectFailed              "ConnectionError": any other way a connect fails
+    │   ├── HostLost                       "HostLost": the connection dropped or stopped answering
+    │   ├── NotConnected                   "NotConnected"
+    │   ├── NoHosts                        "NoHosts": no host was left to run the job
+    │   ├── WorkerError                    the worker process
+    │   │   ├── WorkerStartError           "WorkerStartError": it could not start
+    │   │   ├── WorkerLost                 "WorkerLost": it ended under a job
+    │   │   └── PythonMismatch             "PythonMismatch": another Python minor version
+    │   └── InstallError                   "InstallError": an environment could not be built
+    │       ├── UvUnavailable              "UvUnavailable": no uv on the host, none to be had
+    │       ├── OfflineError               "OfflineError": wheels for an offline host
+    │       └── UploadError                "UploadError": SFTP upload to the host
+    └── JobError                           the job ran (or was sent) and gave no value
+        ├── RemoteError                    the job raised: ``type`` is its exception's name
+        ├── Timeout                        "Timeout": it overran its timeout and was killed
+        ├── PicklingError                  "PicklingError": function or arguments do not pickle
+        ├── UnpicklableResult              "UnpicklableResult": its value does not unpickle here
+        ├── UnsafeResult                   "UnsafeResult": refused by safe_results
+        └── ProtocolError                  "ProtocolError": a reply that cannot be decoded
+
+Every error has ``type`` (the kind), ``message``, ``host`` (inventory name or None) and
+``traceback`` (the remote traceback text, for a job's own exception).
+"""
+
+from __future__ import annotations
+
+
+class SshjobsError(Exception):
+    """The root of every error sshjobs raises or reports."""
+
+    kind = "SshjobsError"
+
+    def __init__(self, message: str = "", host: str | None = None, traceback: str = ""):
+        super().__init__(message)
+        self.message = message
+        self.host = host
+        self.traceback = traceback
+
+    @property
+    def type(self) -> str:
+        return self.kind
+
+    def __str__(self) -> str:
+        return f"{self.type}: {self.message}" if self.message else self.type
+
+    def __reduce__(self):
+        return (type(self), (self.message, self.host, self.traceback))
+
+
+# -- configuration ------------------------------------------------------------------------
+class ConfigError(SshjobsError, ValueError):
+    """Input that cannot be used: nothing was contacted."""
+
+    kind = "ConfigError"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InventoryError(ConfigError):
+    """An inventory file, dict or host list is wrong; the message names the file, host and key."""
+
+    kind = "InventoryError"
+
+
+class RequirementsError(ConfigError):
+    """A requirements list or file cannot be used (a missing file, an unsupported line)."""
+
+    kind = "RequirementsError"
+
+
+class UsageError(ConfigError):
+    """A command line's target, argument or job file cannot be used."""
+
+    kind = "UsageError"
+
+
+class ClusterClosed(SshjobsError):
+    """A call on a Cluster that was closed."""
+
+    kind = "ClusterClosed"
+
+
+# -- hosts ----------------------------------------------------------------------------------
+class HostError(SshjobsError):
+    """The host could not run the job."""
+
+    kind = "HostError"
+
+
+class ConnectError(HostError):
+    """The host could not be reached or logged in to."""
+
+    kind = "ConnectionError"
+
+
+class ConnectTimeout(ConnectError):
+    """No SSH session within ``connect_timeout``."""
+
+    kind = "ConnectTimeout"
+
+
+class ConnectionRefused(ConnectError):
+    """Nothing listens on the host's SSH port."""
+
+    kind = "ConnectionRefused"
+
+
+class HostNameError(ConnectError):
+    """The host's name does not resolve."""
+
+    kind = "NameError"
+
+
+class AuthenticationError(ConnectError):
+    """The host refused every key (or the password) for the user."""
+
+    kind = "AuthenticationError"
+
+
+class HostKeyError(ConnectError):
+    """The host's key is not the one known_hosts lists (or cannot be recorded)."""
+
+    kind = "HostKeyError"
+
+
+class ConnectFailed(ConnectError):
+    """Any other way a connect fails (a reset, a disconnect during login)."""
+
+    kind = "ConnectionError"
+
+
+class HostLost(HostError):
+    """The connection dropped, or the host stopped answering keepalives."""
+
+    kind = "HostLost"
+
+
+class NotConnected(HostError):
+    """The host is not connected (yet)."""
+
+    kind = "NotConnected"
+
+
+class NoHosts(HostError):
+    """No host was left to run the job."""
+
+    kind = "NoHosts"
+
+
+class WorkerError(HostError):
+    """The worker process on the host."""
+
+    kind = "WorkerError"
+
+
+class WorkerStartError(WorkerError):
+    """The worker could not start (no such interpreter, no channel, no HELLO in time)."""
+
+    kind = "WorkerStartError"
+
+
+class WorkerLost(WorkerError):
+    """The worker process ended under a job (os._exit, a signal, the OOM killer)."""
+
+    kind = "WorkerLost"
+
+
+class PythonMismatch(WorkerError):
+    """The host's Python is another minor version than the controller's."""
+
+    kind = "PythonMismatch"
+
+
+class InstallError(HostError):
+    """An environment could not be built on the host; the message ends with uv's."""
+
+    kind = "InstallError"
+
+
+class UvUnavailable(InstallError):
+    """No uv on the host and no way to get one there."""
+
+    kind = "UvUnavailable"
+
+
+class OfflineError(InstallError):
+    """Wheels for an offline host could not be downloaded on the controller."""
+
+    kind = "OfflineError"
+
+
+class UploadError(InstallError):
+    """Uploading uv or wheels to the host failed."""
+
+    kind = "UploadError"
+
+
+# -- jobs -----------------------------------------------------------------------------------
+class JobError(SshjobsError):
+    """The job ran, or was sent, and gave no value."""
+
+    kind = "JobError"
+
+
+class RemoteError(JobError):
+    """The job raised on the host: ``type`` is its exception's name, ``traceback`` the
+    remote traceback text."""
+
+    kind = "RemoteError"
+
+    def __init__(self, type: str, message: str = "", traceback: str = "", host: str | None = None):
+        super().__init__(message, host, traceback)
+        self._type = type
+
+    @property
+    def type(self) -> str:
+        return self._type
+
+    def __reduce__(self):
+        return (RemoteError, (self._type, self.message, self.traceback, self.host))
+
+
+class Timeout(JobError):
+    """The job overran its ``timeout``; its process on the host was killed."""
+
+    kind = "Timeout"
+
+
+class PicklingError(JobError):
+    """The function or an argument cannot be pickled (caught before anything is sent)."""
+
+    kind = "PicklingError"
+
+
+class UnpicklableResult(JobError):
+    """The job's value could not be unpickled on the controller."""
+
+    kind = "UnpicklableResult"
+
+
+class UnsafeResult(JobError):
+    """safe_results refused a type in the job's value."""
+
+    kind = "UnsafeResult"
+
+
+class ProtocolError(JobError):
+    """A reply from the worker that cannot be decoded."""
+
+    kind = "ProtocolError"
+
+
+def _kinds() -> dict[str, type[SshjobsError]]:
+    found: dict[str, type[SshjobsError]] = {}
+    todo = [SshjobsError]
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if cls is not RemoteError:
+            found.setdefault(cls.kind, cls)
+    found["ConnectionError"] = ConnectFailed
+    return found
+
+
+KINDS = _kinds()  # kind string -> class, for errors that arrive as strings (provisioning replies)
+
+
+def make_error(kind: str, message: str, traceback: str = "", host: str | None = None) -> SshjobsError:
+    """The error of a kind (a string from a host or a record); a job's own exception's name
+    (any other string) becomes a RemoteError."""
+    cls = KINDS.get(kind)
+    if cls is None or cls in (SshjobsError, ConfigError, HostError, WorkerError, JobError):
+        return RemoteError(kind, message, traceback, host)
+    return cls(message, host, traceback)
+
+
+__all__ = [name for name, obj in globals().items() if isinstance(obj, type) and issubclass(obj, SshjobsError)]

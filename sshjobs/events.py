@@ -1,0 +1,104 @@
+"""Progress events: their names, what each carries, and the sink that emits them.
+
+A Cluster's ``on_event(host_name, event, info)`` hears these, on the event loop, as hosts
+and jobs progress.  ``info`` is a plain dict with the keys listed here; the callback must
+not block, and an exception in it is logged, never raised into the run.
+
+| event              | when                                   | info keys                                   |
+|--------------------|----------------------------------------|---------------------------------------------|
+| ``connecting``     | a connect starts                       | (none)                                      |
+| ``connected``      | connected, first worker up             | connect_time, start_time, python            |
+| ``failed``         | the host became unusable               | error (kind), message                       |
+| ``running``        | jobs sent to a host                    | jobs, job (the first job's index)           |
+| ``done``           | their results are back                 | jobs, job, ok, failed; one job: duration, error |
+| ``installing``     | an install starts on a host            | requirements, offline                       |
+| ``uploading-uv``   | the controller's uv goes to the host   | path                                        |
+| ``uploading-wheels`` | wheels go to an offline host         | count, skipped                              |
+| ``installed``      | the environment is there               | the install Result's value                  |
+| ``install-failed`` | the install failed on that host        | type (kind), error (message)                |
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from .log import get_logger
+
+if TYPE_CHECKING:
+    from .result import Result
+
+log = get_logger("sshjobs.events")
+
+CONNECTING = "connecting"
+CONNECTED = "connected"
+FAILED = "failed"
+RUNNING = "running"
+DONE = "done"
+INSTALLING = "installing"
+UPLOADING_UV = "uploading-uv"
+UPLOADING_WHEELS = "uploading-wheels"
+INSTALLED = "installed"
+INSTALL_FAILED = "install-failed"
+
+NAMES = (CONNECTING, CONNECTED, FAILED, RUNNING, DONE, INSTALLING, UPLOADING_UV, UPLOADING_WHEELS,
+         INSTALLED, INSTALL_FAILED)
+
+Callback = Callable[[str, str, dict], Any]
+
+
+class Events:
+    """The sink every part reports progress to; calls ``on_event`` if one is set.
+
+    Its methods build each event's ``info`` in one place, so what a display parses is
+    what is documented above."""
+
+    __slots__ = ("on_event",)
+
+    def __init__(self, on_event: Callback | None = None):
+        self.on_event = on_event
+
+    def emit(self, host: str, event: str, info: dict) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(host, event, info)
+            except Exception as exc:
+                log.warning("on_event callback failed", error=f"{type(exc).__name__}: {exc}")
+
+    def connecting(self, host: str) -> None:
+        self.emit(host, CONNECTING, {})
+
+    def connected(self, host: str, connect_time: float | None, start_time: float | None, python: str) -> None:
+        self.emit(host, CONNECTED, {"connect_time": connect_time, "start_time": start_time, "python": python})
+
+    def failed(self, host: str, kind: str, message: str) -> None:
+        self.emit(host, FAILED, {"error": kind, "message": message})
+
+    def running(self, host: str, first: int, count: int) -> None:
+        if self.on_event is not None:
+            self.emit(host, RUNNING, {"jobs": count, "job": first})
+
+    def done(self, host: str, results: Sequence["Result"]) -> None:
+        if self.on_event is None or not results:
+            return
+        ok = sum(1 for r in results if r.ok)
+        info = {"jobs": len(results), "job": results[0].job, "ok": ok, "failed": len(results) - ok}
+        if len(results) == 1:
+            r = results[0]
+            info["duration"] = r.duration
+            info["error"] = None if r.ok else str(r.error)
+        self.emit(host, DONE, info)
+
+    def installing(self, host: str, requirements: list[str], offline: bool) -> None:
+        self.emit(host, INSTALLING, {"requirements": requirements, "offline": offline})
+
+    def uploading_uv(self, host: str, path: str | None) -> None:
+        self.emit(host, UPLOADING_UV, {"path": path})
+
+    def uploading_wheels(self, host: str, count: int, skipped: int) -> None:
+        self.emit(host, UPLOADING_WHEELS, {"count": count, "skipped": skipped})
+
+    def installed(self, host: str, value: dict) -> None:
+        self.emit(host, INSTALLED, dict(value))
+
+    def install_failed(self, host: str, kind: str, message: str) -> None:
+        self.emit(host, INSTALL_FAILED, {"error": message, "type": kind})
