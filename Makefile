@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 LAB_DIR ?= .lab
 LAB_HOSTS ?= 10
 
-.PHONY: venv system-deps test bench demo lab-up lab-down clean docker-base docker-up docker-demo docker-down
+.PHONY: venv system-deps lint test bench demo lab-up lab-down clean docker-base docker-up docker-demo docker-down
 
 # openssh-server for the local lab (root on Debian; otherwise say what is missing)
 system-deps:
@@ -22,7 +22,10 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-test: system-deps venv docker-base
+lint: venv
+	$(VENV)/bin/ruff check sshjobs tests bench examples
+
+test: system-deps venv docker-base lint
 	$(PY) -m pytest -q
 
 # The benchmarks (bench/README.md): a 100-host lab on 127.0.$${SSHJOBS_LAB_SUBNET:-9}.x, ~5 min.

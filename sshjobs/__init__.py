@@ -7,4 +7,4 @@ from .inventory import Host
 from .result import Result
 
 __all__ = ["Cluster", "Host", "Inventory", "Result", *_errors]
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402,F401

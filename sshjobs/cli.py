@@ -22,9 +22,11 @@ from typing import Any, Awaitable, Callable
 
 import click
 
-from . import __version__
+from .version import __version__
 from .api import Cluster, Inventory, run_loop, run_sync
-from .display import Progress, fmt_seconds, fold, print_results, result_json, short, summary
+from . import events
+from .display import (Progress, age, describe_env, fmt_seconds, fold, print_grouped, print_results, print_table,
+                      python_id, result_json, summary, yes_no)
 from .errors import AuthenticationError, ConfigError, ConnectError, HostKeyError, InventoryError, UsageError
 from .log import configure
 from .result import Result
@@ -335,25 +337,16 @@ def install(packages, requirement_files, offline, **kw):
     Name them (sshjobs install numpy 'pandas>=2') or list them in a file (-r requirements.txt).
     """
     opts = _options(kw)
-    reqs = read_requirements(packages, requirement_files)
-    if not reqs:
+    if not packages and not requirement_files:
         raise click.UsageError("name at least one package, or -r FILE")
-    check_requirements(reqs)
+    reqs = read_requirements(packages, requirement_files)
     inv = load_inventory(opts)
 
     async def work(cluster: Cluster) -> list[Result]:
         return await cluster.install(reqs, offline=offline)
 
     return run_jobs(inv, opts, work, title=f"install {' '.join(reqs)}", per_host=True, what="hosts",
-                    describe=_describe_env)
-
-
-def _describe_env(value: Any) -> str:
-    """An install Result's value in short: the environment and how it came to be."""
-    if not isinstance(value, dict) or "hash" not in value:
-        return short(value)
-    how = "already there" if value.get("cached") else f"built (uv: {value.get('uv')})"
-    return f"env {value['hash']} {how}: {value.get('env', '')}"
+                    describe=describe_env)
 
 
 @cli.command()
@@ -378,10 +371,10 @@ def ping(count, **kw):
             print(json.dumps(row))
     else:
         headers = ["host", "target", "reachable", "auth", "python", "rtt", "connect", "start", "error"]
-        cells = [[row["host"], row["target"], _yn(row["reachable"]), _yn(row["auth"]), row["python"] or "-",
+        cells = [[row["host"], row["target"], yes_no(row["reachable"]), yes_no(row["auth"]), row["python"] or "-",
                   fmt_seconds(row["rtt"]), fmt_seconds(row["connect_time"]), fmt_seconds(row["start_time"]),
                   row["error"] or ""] for row in rows]
-        _print_table(headers, cells, console, ok=[row["ok"] for row in rows])
+        print_table(headers, cells, console, ok=[row["ok"] for row in rows])
         if not opts.quiet:
             ok = sum(row["ok"] for row in rows)
             print(f"{ok} of {len(rows)} hosts answered")
@@ -401,28 +394,6 @@ def _ping_row(state, result: Result) -> dict:
         "rtt": result.value if result.ok else None, "connect_time": state.connect_time,
         "start_time": state.start_time, "error": error,
     }
-
-
-def _yn(value: bool | None) -> str:
-    return "-" if value is None else ("yes" if value else "NO")
-
-
-def _print_table(headers: list[str], rows: list[list[str]], console, ok: list[bool] | None = None) -> None:
-    if console is not None:
-        from rich.markup import escape
-        from rich.table import Table
-
-        table = Table(box=None, pad_edge=False, header_style="bold")
-        for h in headers:
-            table.add_column(h, overflow="fold")
-        for i, row in enumerate(rows):
-            style = None if ok is None or ok[i] else "red"
-            table.add_row(*(escape(str(c)) for c in row), style=style)
-        console.print(table)
-        return
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-    for row in [headers, *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
 
 
 @cli.command("exec", context_settings={"ignore_unknown_options": True})
@@ -453,94 +424,45 @@ def exec_cmd(command, **kw):
         for row in rows:
             print(json.dumps(row))
     else:
-        _print_grouped(rows, console)
+        print_grouped(rows, console)
     return EXIT_OK if all(r["ok"] for r in rows) else EXIT_FAILED
 
 
 async def _exec_one(host, line: str, timeout: float | None, sem: asyncio.Semaphore, progress: Progress) -> dict:
     import asyncssh
 
-    from .connection import HostLink, env_prefix
+    from .connection import HostLink
 
     row = {"host": host.name, "ok": False, "exit_status": None, "stdout": "", "stderr": "",
            "error": None, "duration": 0.0}
     t0 = time.perf_counter()
     async with sem:
-        progress.event(host.name, "connecting", {})
+        progress.event(host.name, events.CONNECTING, {})
         try:
             link = await HostLink.open(host)
         except ConnectError as exc:
             row["error"] = f"{exc.kind}: {exc.message}"
-            progress.event(host.name, "failed", {"error": exc.kind, "message": exc.message})
+            progress.event(host.name, events.FAILED, {"error": exc.kind, "message": exc.message})
             return row
-    env = dict(host.env)
-    remote = f"{env_prefix(env)}sh -c {shlex.quote(line)}" if env else line
-    progress.event(host.name, "running", {"jobs": 1, "job": 0})
+    progress.event(host.name, events.RUNNING, {"jobs": 1, "job": 0})
     try:
-        conn, release = await link.acquire()
-        try:
-            proc = await conn.create_process(remote, encoding="utf-8", errors="replace")
-            try:
-                done = await proc.wait(check=False, timeout=timeout)
-                row.update(exit_status=done.exit_status if done.exit_status is not None else -1,
-                           stdout=done.stdout or "", stderr=done.stderr or "")
-                if done.exit_signal:
-                    row["error"] = f"killed by signal {done.exit_signal[0]}"
-            except asyncssh.TimeoutError as exc:
-                proc.kill()  # an SSH signal request: sshd signals the command's process group
-                row.update(stdout=exc.stdout or "", stderr=exc.stderr or "",
-                           error=f"Timeout: the command did not finish within {timeout:g}s")
-            finally:
-                proc.close()
-        finally:
-            release()
+        done = await link.exec(line, timeout)
+        row.update(exit_status=done.exit_status, stdout=done.stdout, stderr=done.stderr)
+        if done.timed_out:
+            row["error"] = f"Timeout: the command did not finish within {timeout:g}s"
+        elif done.signal:
+            row["error"] = f"killed by signal {done.signal}"
     except (asyncssh.Error, OSError) as exc:
         row["error"] = f"HostLost: {host.target}: {exc}"
     finally:
         link.close()
+        await link.wait_closed()
     row["duration"] = time.perf_counter() - t0
     row["ok"] = row["exit_status"] == 0 and row["error"] is None
-    progress.event(host.name, "done", {"jobs": 1, "job": 0, "ok": int(row["ok"]), "failed": int(not row["ok"]),
-                                       "duration": row["duration"], "exit_status": row["exit_status"],
-                                       "error": row["error"]})
+    progress.event(host.name, events.DONE, {"jobs": 1, "job": 0, "ok": int(row["ok"]), "failed": int(not row["ok"]),
+                                            "duration": row["duration"], "exit_status": row["exit_status"],
+                                            "error": row["error"]})
     return row
-
-
-def _print_grouped(rows: list[dict], console) -> None:
-    """clush -b style: each distinct output once, under the (folded) hosts that printed it."""
-    groups: dict[tuple, list[str]] = {}
-    for row in rows:
-        key = (row["stdout"], row["stderr"], row["exit_status"], row["error"])
-        groups.setdefault(key, []).append(row["host"])
-    out = sys.stdout
-    for (stdout, stderr, status, error), hosts in groups.items():
-        label = f"{fold(hosts)} ({len(hosts)})"
-        tail = []
-        if status not in (0, None):
-            tail.append(f"exit {status}")
-        if error:
-            tail.append(error)
-        head = f"---------------- {label}{'  ' + '; '.join(tail) if tail else ''}"
-        if console is not None:
-            from rich.markup import escape
-
-            console.print(f"[bold {'red' if tail else 'cyan'}]{escape(head)}[/]", highlight=False, soft_wrap=True)
-            if stdout:
-                console.print(stdout.rstrip("\n"), markup=False, highlight=False, soft_wrap=True)
-            if stderr:
-                console.print(stderr.rstrip("\n"), style="red", markup=False, highlight=False, soft_wrap=True)
-        else:
-            out.write(head + "\n")
-            if stdout:
-                out.write(stdout if stdout.endswith("\n") else stdout + "\n")
-            if stderr:
-                out.write(stderr if stderr.endswith("\n") else stderr + "\n")
-    codes: dict[str, list[str]] = {}
-    for row in rows:
-        codes.setdefault("-" if row["exit_status"] is None else str(row["exit_status"]), []).append(row["host"])
-    parts = [f"{code} on {fold(hosts)}" for code, hosts in codes.items()]
-    out.write("exit codes: " + "; ".join(parts) + "\n")
-    out.flush()
 
 
 @cli.command()
@@ -564,7 +486,7 @@ def inventory(inventory, limit, as_json):
     headers = ["host", "address", "port", "user", "groups", "slots", "python", "workdir", "env"]
     rows = [[h.name, h.address, str(h.port or 22), h.user or "-", ",".join(h.groups) or "-", str(h.slots),
              h.python, h.workdir, ",".join(k for k, _ in h.env) or "-"] for h in inv]
-    _print_table(headers, rows, opts.console())
+    print_table(headers, rows, opts.console())
     return EXIT_OK
 
 
@@ -598,10 +520,10 @@ def env_list(**kw):
                 continue
             for e in r.value or [{"hash": "(none)"}]:
                 rows.append([r.host, str(e.get("hash", ""))[:12], " ".join(e.get("requirements", [])) or "-",
-                             _python_id(e.get("python")), _age(now, e.get("created")), _age(now, e.get("last_used")),
+                             python_id(e.get("python")), age(now, e.get("created")), age(now, e.get("last_used")),
                              "" if e.get("complete", True) else "incomplete"])
                 ok.append(True)
-        _print_table(["host", "env", "requirements", "python", "created", "last used", ""], rows,
+        print_table(["host", "env", "requirements", "python", "created", "last used", ""], rows,
                      opts.console(), ok=ok)
     return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
 
@@ -631,24 +553,8 @@ def env_prune(older_than, **kw):
     else:
         rows = [[r.host, str(len(r.value["removed"])), str(len(r.value["kept"])), ""] if r.ok else
                 [r.host, "-", "-", f"{r.error.type}: {r.error.message}" if r.error else "failed"] for r in results]
-        _print_table(["host", "removed", "kept", "error"], rows, opts.console(), ok=[r.ok for r in results])
+        print_table(["host", "removed", "kept", "error"], rows, opts.console(), ok=[r.ok for r in results])
     return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
-
-
-def _age(now: float, then: float | None) -> str:
-    if not then:
-        return "-"
-    s = max(0.0, now - then)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if s >= size:
-            return f"{s / size:.0f}{unit} ago"
-    return f"{s:.0f}s ago"
-
-
-def _python_id(value) -> str:
-    if isinstance(value, (list, tuple)):
-        return " ".join(map(str, value))
-    return str(value or "-")
 
 
 # -- the lab ------------------------------------------------------------------------------------
@@ -710,7 +616,7 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:  # usage errors: exit 2
         exc.show()
         code = exc.exit_code
-    except (InventoryError, UserError) as exc:
+    except ConfigError as exc:
         click.echo(f"Error: {exc}", err=True)
         code = EXIT_USAGE
     except (KeyboardInterrupt, click.Abort):

@@ -7,6 +7,7 @@ import os
 import random
 import shlex
 import socket
+from dataclasses import dataclass
 
 import asyncssh
 
@@ -239,6 +240,17 @@ async def open_connection(host: Host, attempts: int = 4) -> asyncssh.SSHClientCo
             raise describe_error(host, exc) from None
 
 
+@dataclass
+class Completed:
+    """What a shell command left: exit status (None if it timed out), output, signal."""
+
+    exit_status: int | None
+    stdout: str
+    stderr: str
+    signal: str | None
+    timed_out: bool = False
+
+
 class HostLink:
     """All SSH connections to one host.  Channels are opened through ``channel()``,
     which never puts more than ``max_sessions`` sessions on one connection."""
@@ -251,10 +263,6 @@ class HostLink:
     @classmethod
     async def open(cls, host: Host) -> "HostLink":
         return cls(host, await open_connection(host))
-
-    @property
-    def connection(self) -> asyncssh.SSHClientConnection:
-        return self._conns[0][0]
 
     async def acquire(self) -> tuple[asyncssh.SSHClientConnection, "callable"]:
         """A connection with a free session slot, and the function that frees it."""
@@ -284,6 +292,27 @@ class HostLink:
         finally:
             release()
 
+    async def exec(self, command: str, timeout: float | None = None) -> "Completed":
+        """A shell command with the host's ``env``; on ``timeout`` its process group is
+        killed (an SSH signal request) and what it printed so far is kept."""
+        env = dict(self.host.env)
+        line = f"{env_prefix(env)}sh -c {shlex.quote(command)}" if env else command
+        conn, release = await self.acquire()
+        try:
+            proc = await conn.create_process(line, encoding="utf-8", errors="replace")
+            try:
+                done = await proc.wait(check=False, timeout=timeout)
+            except asyncssh.TimeoutError as exc:
+                proc.kill()
+                return Completed(None, exc.stdout or "", exc.stderr or "", None, timed_out=True)
+            finally:
+                proc.close()
+        finally:
+            release()
+        signal = done.exit_signal[0] if done.exit_signal else None
+        status = done.exit_status if done.exit_status is not None else -1
+        return Completed(status, done.stdout or "", done.stderr or "", signal)
+
     def close(self) -> None:
         for conn, _ in self._conns:
             conn.close()
@@ -309,12 +338,3 @@ def env_prefix(env: dict[str, str]) -> str:
     if not env:
         return ""
     return "env " + " ".join(shlex.quote(f"{k}={v}") for k, v in env.items()) + " "
-
-
-def local_username() -> str:
-    try:
-        import pwd
-
-        return pwd.getpwuid(os.getuid()).pw_name
-    except Exception:
-        return os.environ.get("USER", "")

@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from typing import Any, Iterable, TextIO
 
+from . import events
 from .log import get_logger
 from .result import Result
 
@@ -35,7 +36,7 @@ class HostProgress:
 
 
 class Progress:
-    """Follows a Cluster's ``on_event`` hook; on a terminal draws it live with rich.
+    """Follows a Cluster's ``on_event`` hook (``sshjobs.events``); on a terminal draws it live with rich.
 
     Every event is also logged (INFO) with its host and fields, for ``-v`` and
     ``--log-format json``.
@@ -54,10 +55,10 @@ class Progress:
         h = self.hosts.get(host)
         if h is None:
             h = self.hosts[host] = HostProgress(host)
-        if event == "running":
+        if event == events.RUNNING:
             h.running += int(info.get("jobs", 1))
             h.state = "running"
-        elif event == "done":
+        elif event == events.DONE:
             h.running = max(0, h.running - int(info.get("jobs", 1)))
             h.ok += int(info.get("ok", 0))
             h.failed += int(info.get("failed", 0))
@@ -65,20 +66,20 @@ class Progress:
                 h.note = _first_line(str(info["error"]))
             if h.state != "failed":
                 h.state = "running" if h.running else "done"
-        elif event == "failed":  # the host is unusable
+        elif event == events.FAILED:  # the host is unusable
             h.state = "failed"
             h.running = 0
             h.note = _first_line(f"{info.get('error', 'Error')}: {info.get('message', '')}")
-        elif event == "install-failed":
+        elif event == events.INSTALL_FAILED:
             h.state = "failed"
             h.note = _first_line(f"{info.get('type', 'InstallError')}: {info.get('error', '')}")
-        elif event == "connected":
+        elif event == events.CONNECTED:
             h.state = "connected"
             if info.get("python"):
                 h.note = f"python {info['python']}"
         else:  # connecting, installing, installed and whatever else a newer core sends
             h.state = event
-            if event == "installed":
+            if event == events.INSTALLED:
                 h.note = ""
 
     # -- live display -------------------------------------------------------------
@@ -334,3 +335,89 @@ def fold(names: list[str]) -> str:
                 start = prev = n
         parts.append(f"{prefix}[{','.join(ranges)}]")
     return ",".join(parts)
+
+
+def print_grouped(rows: list[dict], console) -> None:
+    """clush -b style: each distinct output once, under the (folded) hosts that printed it."""
+    groups: dict[tuple, list[str]] = {}
+    for row in rows:
+        key = (row["stdout"], row["stderr"], row["exit_status"], row["error"])
+        groups.setdefault(key, []).append(row["host"])
+    out = sys.stdout
+    for (stdout, stderr, status, error), hosts in groups.items():
+        label = f"{fold(hosts)} ({len(hosts)})"
+        tail = []
+        if status not in (0, None):
+            tail.append(f"exit {status}")
+        if error:
+            tail.append(error)
+        head = f"---------------- {label}{'  ' + '; '.join(tail) if tail else ''}"
+        if console is not None:
+            from rich.markup import escape
+
+            console.print(f"[bold {'red' if tail else 'cyan'}]{escape(head)}[/]", highlight=False, soft_wrap=True)
+            if stdout:
+                console.print(stdout.rstrip("\n"), markup=False, highlight=False, soft_wrap=True)
+            if stderr:
+                console.print(stderr.rstrip("\n"), style="red", markup=False, highlight=False, soft_wrap=True)
+        else:
+            out.write(head + "\n")
+            if stdout:
+                out.write(stdout if stdout.endswith("\n") else stdout + "\n")
+            if stderr:
+                out.write(stderr if stderr.endswith("\n") else stderr + "\n")
+    codes: dict[str, list[str]] = {}
+    for row in rows:
+        codes.setdefault("-" if row["exit_status"] is None else str(row["exit_status"]), []).append(row["host"])
+    parts = [f"{code} on {fold(hosts)}" for code, hosts in codes.items()]
+    out.write("exit codes: " + "; ".join(parts) + "\n")
+    out.flush()
+
+
+
+def yes_no(value: bool | None) -> str:
+    return "-" if value is None else ("yes" if value else "NO")
+
+
+def print_table(headers: list[str], rows: list[list[str]], console, ok: list[bool] | None = None) -> None:
+    if console is not None:
+        from rich.markup import escape
+        from rich.table import Table
+
+        table = Table(box=None, pad_edge=False, header_style="bold")
+        for h in headers:
+            table.add_column(h, overflow="fold")
+        for i, row in enumerate(rows):
+            style = None if ok is None or ok[i] else "red"
+            table.add_row(*(escape(str(c)) for c in row), style=style)
+        console.print(table)
+        return
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    for row in [headers, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+
+def describe_env(value: Any) -> str:
+    """An install Result's value in short: the environment and how it came to be."""
+    if not isinstance(value, dict) or "hash" not in value:
+        return short(value)
+    how = "already there" if value.get("cached") else f"built (uv: {value.get('uv')})"
+    return f"env {value['hash']} {how}: {value.get('env', '')}"
+
+
+
+def age(now: float, then: float | None) -> str:
+    if not then:
+        return "-"
+    s = max(0.0, now - then)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{s / size:.0f}{unit} ago"
+    return f"{s:.0f}s ago"
+
+
+def python_id(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    return str(value or "-")

@@ -25,6 +25,9 @@ from pathlib import Path
 
 import asyncssh
 
+from .errors import LabError
+from .inventory import to_toml
+
 DOCKER_DIR = Path(__file__).resolve().parent.parent / "docker"
 BASE_IMAGE = "sshjobs/base:bookworm"
 NODE_IMAGE = "sshjobs/node:latest"
@@ -33,8 +36,8 @@ NET = "172.31.66"  # first three octets; node i is NET.(10+i)
 USER = "sshjobs"
 
 
-class DockerLabError(RuntimeError):
-    pass
+class DockerLabError(LabError):
+    """The Docker cluster cannot be built, started or reached."""
 
 
 def engine_problem() -> str | None:
@@ -192,23 +195,16 @@ class DockerLab:
     def write_inventory(self, path: str | os.PathLike | None = None) -> Path:
         path = Path(path or self.inventory_path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        rel = os.path.relpath
-        lines = [
-            f"# The Docker cluster (docker/compose.yml, project {self.project}), written by sshjobs.dockerlab\n",
-            "[defaults]\n",
-            f'user = "{USER}"\n',
-            f'identity = "{rel(self.identity, path.parent)}"\n',
-            f'known_hosts = "{rel(self.known_hosts, path.parent)}"\n',
-            "slots = 1\n",
-            "connect_timeout = 10\n",
-        ]
+        defaults = {"user": USER, "identity": os.path.relpath(self.identity, path.parent),
+                    "known_hosts": os.path.relpath(self.known_hosts, path.parent), "slots": 1, "connect_timeout": 10}
+        comment = f"The Docker cluster (docker/compose.yml, project {self.project}), written by sshjobs.dockerlab"
         if self.offline_reason:
-            lines += [f"# The nodes cannot use the package index ({self.offline_reason}):\n",
-                      "# sshjobs ships wheels from the controller instead.\n", "offline = true\n"]
-        for i, h in enumerate(self.hosts):
-            group = "even" if (i + 1) % 2 == 0 else "odd"
-            lines += [f"\n[hosts.{h.name}]\n", f'address = "{h.address}"\n', f'groups = ["docker", "{group}"]\n']
-        path.write_text("".join(lines))
+            defaults["offline"] = True
+            comment += (f"\nThe nodes cannot use the package index ({self.offline_reason}):"
+                        "\nsshjobs ships wheels from the controller instead (offline = true).")
+        hosts = {h.name: {"address": h.address, "groups": ["docker", "even" if (i + 1) % 2 == 0 else "odd"]}
+                 for i, h in enumerate(self.hosts)}
+        path.write_text(to_toml(defaults, hosts, comment))
         return path
 
     def index_problem(self, url: str = "https://pypi.org/simple/pip/", timeout: float = 8.0) -> str | None:

@@ -10,6 +10,7 @@ nothing else of sshjobs, so every other module can use it.
     │   ├── RequirementsError              a requirements list or file
     │   └── UsageError                     a CLI target, argument or job file
     ├── ClusterClosed                      a call on a Cluster that was closed
+    ├── LabError (also a RuntimeError)     the local lab or the Docker cluster
     ├── HostError                          the host could not run the job
     │   ├── ConnectError                   no SSH session: the host was never reached
     │   │   ├── ConnectTimeout             "ConnectTimeout"
@@ -98,6 +99,15 @@ class ClusterClosed(SshjobsError):
     """A call on a Cluster that was closed."""
 
     kind = "ClusterClosed"
+
+
+class LabError(SshjobsError, RuntimeError):
+    """The local lab of sshd servers (or the Docker cluster) cannot be started or stopped."""
+
+    kind = "LabError"
+
+    def __str__(self) -> str:
+        return self.message
 
 
 # -- hosts ----------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import json
+import re
 import os
 import tomllib
 from dataclasses import dataclass, fields, replace
@@ -197,6 +199,35 @@ class BaseInventory:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({[h.name for h in self.hosts]!r})"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string: the same escapes
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"no TOML for {type(value).__name__}")
+
+
+def to_toml(defaults: dict[str, Any], hosts: dict[str, dict[str, Any]], comment: str = "") -> str:
+    """An inventory file's text: ``[defaults]`` and one ``[hosts.NAME]`` table per host,
+    ``comment`` lines first (the lab and the Docker cluster write theirs with it)."""
+    lines = [f"# {line}".rstrip() for line in comment.splitlines()]
+    bare = re.compile(r"[A-Za-z0-9_-]+")
+    titles = [("defaults", defaults)]
+    titles += [(f"hosts.{n if bare.fullmatch(n) else json.dumps(n)}", t) for n, t in hosts.items()]
+    for title, table in titles:
+        if lines:
+            lines.append("")
+        lines.append(f"[{title}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"
 
 
 def _did_you_mean(word: str, choices: Iterable[str]) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import asyncssh
+
+from .errors import LabError
+from .inventory import to_toml
 
 SSHD = "/usr/sbin/sshd"
 BLAS_ENV = "OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1"
@@ -30,10 +32,6 @@ TLS_ENV = ("SSL_CERT_FILE", "SSL_CERT_DIR")
 def _host_env() -> str:
     extra = [f"{k}={os.environ[k]}" for k in TLS_ENV if os.environ.get(k) and os.path.exists(os.environ[k])]
     return " ".join([BLAS_ENV, *(f'"{e}"' if " " in e else e for e in extra)])
-
-
-class LabError(RuntimeError):
-    pass
 
 
 @dataclass
@@ -218,26 +216,13 @@ class Lab:
     def write_inventory(self, path: str | os.PathLike | None = None) -> Path:
         path = Path(path or self.inventory_path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        rel = os.path.relpath
-        lines = [
-            "# A local lab of OpenSSH servers, written by sshjobs.lab\n",
-            "[defaults]\n",
-            f'identity = "{rel(self.identity, path.parent)}"\n',
-            f'known_hosts = "{rel(self.known_hosts, path.parent)}"\n',
-            f"slots = {self.slots}\n",
-            "connect_timeout = 10\n",
-        ]
-        for i, h in enumerate(self.hosts):
-            group = "even" if (i + 1) % 2 == 0 else "odd"
-            lines += [
-                f"\n[hosts.{h.name}]\n",
-                f'address = "{h.address}"\n',
-                f"port = {h.port}\n",
-                f'user = "{h.user}"\n',
-                f'workdir = "{h.workdir}"\n',
-                f'groups = ["lab", "{group}"]\n',
-            ]
-        path.write_text("".join(lines))
+        defaults = {"identity": os.path.relpath(self.identity, path.parent),
+                    "known_hosts": os.path.relpath(self.known_hosts, path.parent),
+                    "slots": self.slots, "connect_timeout": 10}
+        hosts = {h.name: {"address": h.address, "port": h.port, "user": h.user, "workdir": h.workdir,
+                          "groups": ["lab", "even" if (i + 1) % 2 == 0 else "odd"]}
+                 for i, h in enumerate(self.hosts)}
+        path.write_text(to_toml(defaults, hosts, "A local lab of OpenSSH servers, written by sshjobs.lab"))
         return path
 
     def down(self) -> None:
@@ -252,12 +237,6 @@ class Lab:
                 proc.kill()
                 proc.wait()
         self.procs = []
-
-    def stop_host(self, index: int) -> None:
-        """Stop one server (host ``index``, from 0), as if the machine went away."""
-        proc = self.procs[index]
-        proc.terminate()
-        proc.wait(timeout=5)
 
     def home(self, index: int) -> Path:
         """The home directory of host ``index`` (from 0)."""
@@ -338,7 +317,3 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rpartition(")")[2].split()[0] != "Z"
-
-
-def remove(directory: str | os.PathLike) -> None:
-    shutil.rmtree(directory, ignore_errors=True)

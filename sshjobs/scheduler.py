@@ -21,8 +21,7 @@ from typing import Any, Awaitable, Callable, NamedTuple, Sequence
 import cloudpickle
 
 from . import remote
-from .errors import (HostError, PicklingError, ProtocolError, RemoteError, SshjobsError, Timeout, WorkerLost,
-                     make_error)
+from .errors import (PicklingError, ProtocolError, RemoteError, SshjobsError, Timeout, WorkerLost)
 from .hosts import HostState
 from .result import Result, failed, failure
 from .worker import AllOk, Worker, decode_results, dumps

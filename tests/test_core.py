@@ -69,7 +69,8 @@ def test_lambdas_and_keyword_arguments(inv):
 def test_job_that_raises_returns_remote_traceback_and_others_are_fine(inv):
     def boom(names):
         import socket  # noqa: F401
-        import pwd, os
+        import pwd
+        import os
 
         me = pwd.getpwuid(os.getuid()).pw_name
         if me == names[3]:

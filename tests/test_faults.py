@@ -63,7 +63,8 @@ def test_gather_timeout_kills_the_job_and_its_children_and_a_new_worker_takes_ov
     two = inv.select("node01,node02")
 
     def maybe_hang(marker, pidfile):
-        import pwd, os
+        import pwd
+        import os
         if pwd.getpwuid(os.getuid()).pw_name.endswith("01"):
             sleeper_with_child(marker, pidfile)
         return "quick"
@@ -134,7 +135,8 @@ def test_cancelling_gather_and_map_kills_remote_jobs_and_leaves_nothing(inv, lab
     three = inv.select("node04,node05,node06")
 
     def hang(x=None):
-        import subprocess, time
+        import subprocess
+        import time
         subprocess.Popen(["sleep", "302.5"])
         time.sleep(600)
 
@@ -283,7 +285,9 @@ def test_hung_host_is_detected_by_keepalive(inv, lab, faults):
 # -- workers dying under a job ---------------------------------------------------------
 def test_worker_dying_under_a_job_fails_that_job_and_the_map_goes_on(inv, faults):
     def fragile(x):
-        import ctypes, os, signal
+        import ctypes
+        import os
+        import signal
         if x == 3:
             os._exit(7)
         if x == 11:
@@ -520,7 +524,9 @@ def test_worker_killed_from_outside_mid_map_loses_no_item(inv, lab, faults):
     mark.unlink(missing_ok=True)
 
     def slow(x, mark):
-        import os, sys, time
+        import os
+        import sys
+        import time
         time.sleep(0.05)
         sys.sshjobs_test_n = getattr(sys, "sshjobs_test_n", 0) + 1
         # the worker flushes results when its queue runs dry: after DEPTH (4) chunks of 4

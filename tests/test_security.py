@@ -92,7 +92,8 @@ def test_no_secret_in_logs_errors_or_the_hosts_process_list(inv, lab, tmp_path, 
     caplog.set_level(logging.DEBUG)  # sshjobs and asyncssh, everything
 
     def job():
-        import os, subprocess
+        import os
+        import subprocess
         seen = subprocess.run(["ps", "-u", str(os.getuid()), "-o", "args="], capture_output=True, text=True).stdout
         return os.environ.get("API_TOKEN"), seen
 
