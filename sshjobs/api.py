@@ -8,7 +8,8 @@ import ipaddress
 import time
 from typing import Any, Callable, Iterable
 
-from . import provisioning, remote, safe
+from . import provisioning, safe
+from .remote import protocol as remote
 from .connection import ConnectError, HostLink
 from .inventory import Host, Inventory
 from .log import get_logger

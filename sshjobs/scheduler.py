@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 import cloudpickle
 
-from . import remote
+from .remote import protocol as remote
 from .result import RemoteError, Result, failure
 from .worker import AllOk, Worker, WorkerError, decode_results, dumps
 

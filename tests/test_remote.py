@@ -1,8 +1,7 @@
-"""The remote worker module on its own, over a local pipe: framing and the job loop."""
+"""The remote worker on its own, over a local pipe: framing, the STUB, the job loop."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import pickle
@@ -13,15 +12,13 @@ import sys
 import cloudpickle
 import pytest
 
-from sshjobs import remote
+from sshjobs.remote import SOURCES, STUB, WORKER, protocol
 from sshjobs.worker import decode_results
-
-SOURCE = open(remote.__file__, "rb").read()
 
 
 def test_frames_round_trip_and_partial_reads():
-    frames = [(remote.CALL, 7, b"abc"), (remote.RESULT, 2**32 - 1, b""), (remote.OUTPUT, 1, b"x" * 100_000)]
-    data = b"".join(remote.pack(*f) for f in frames)
+    frames = [(protocol.CALL, 7, b"abc"), (protocol.RESULT, 2**32 - 1, b""), (protocol.OUTPUT, 1, b"x" * 100_000)]
+    data = b"".join(protocol.pack(*f) for f in frames)
 
     class Trickle(io.RawIOBase):  # returns at most 3 bytes per read, like a slow pipe
         def __init__(self, data):
@@ -36,30 +33,30 @@ def test_frames_round_trip_and_partial_reads():
             return chunk
 
     stream = Trickle(data)
-    assert [remote.read_frame(stream) for _ in frames] == frames
-    assert remote.read_frame(stream) is None
+    assert [protocol.read_frame(stream) for _ in frames] == frames
+    assert protocol.read_frame(stream) is None
 
 
 def test_truncated_frame_is_end_of_stream():
-    data = remote.pack(remote.CALL, 1, b"abcdef")[:-2]
-    assert remote.read_frame(io.BytesIO(data)) is None
+    data = protocol.pack(protocol.CALL, 1, b"abcdef")[:-2]
+    assert protocol.read_frame(io.BytesIO(data)) is None
 
 
 @pytest.fixture
 def worker(tmp_path):
     """A worker run by the host's system python3 (no cloudpickle there) over pipes."""
-    proc = subprocess.Popen(["/usr/bin/python3", "-c", remote.STUB], stdin=subprocess.PIPE,
+    proc = subprocess.Popen(["/usr/bin/python3", "-c", STUB], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     config = {"cloudpickle": cloudpickle.__version__, "workdir": str(tmp_path / "wd")}
-    proc.stdin.write(b"%d\n" % len(SOURCE) + SOURCE + remote.pack(remote.CONFIG, 0, json.dumps(config).encode()))
+    proc.stdin.write(WORKER.start() + protocol.pack(protocol.CONFIG, 0, json.dumps(config).encode()))
     proc.stdin.flush()
-    kind, _, body = remote.read_frame(proc.stdout)
-    assert kind == remote.HELLO
+    kind, _, body = protocol.read_frame(proc.stdout)
+    assert kind == protocol.HELLO
     hello = json.loads(body)
     if hello["cloudpickle"] != cloudpickle.__version__:
         sources = {f"cloudpickle/{p}": open(f"{cloudpickle.__path__[0]}/{p}").read()
                    for p in ("__init__.py", "cloudpickle.py", "cloudpickle_fast.py")}
-        proc.stdin.write(remote.pack(remote.MODULES, 0, pickle.dumps(sources)))
+        proc.stdin.write(protocol.pack(protocol.MODULES, 0, pickle.dumps(sources)))
     proc.hello = hello
     yield proc
     proc.kill()
@@ -67,7 +64,7 @@ def worker(tmp_path):
 
 
 def send(proc, *frame):
-    proc.stdin.write(remote.pack(*frame))
+    proc.stdin.write(protocol.pack(*frame))
     proc.stdin.flush()
 
 
@@ -80,15 +77,15 @@ def test_hello_describes_the_host(worker):
 
 def test_call_and_map_and_output_over_a_pipe(worker, tmp_path):
     k = 10
-    send(worker, remote.FUNC, 1, cloudpickle.dumps(lambda x: print("item", x) or x + k))
-    send(worker, remote.CALL, 5, remote.FID.pack(1) + pickle.dumps(((1,), {})))
-    send(worker, remote.MAP, 6, remote.FID.pack(1) + pickle.dumps(([1, 2, "x"],)))
-    kind, job, body = remote.read_frame(worker.stdout)
-    assert (kind, job) == (remote.RESULT, 5)
+    send(worker, protocol.FUNC, 1, cloudpickle.dumps(lambda x: print("item", x) or x + k))
+    send(worker, protocol.CALL, 5, protocol.FID.pack(1) + pickle.dumps(((1,), {})))
+    send(worker, protocol.MAP, 6, protocol.FID.pack(1) + pickle.dumps(([1, 2, "x"],)))
+    kind, job, body = protocol.read_frame(worker.stdout)
+    assert (kind, job) == (protocol.RESULT, 5)
     [(ok, value, out, err, took)] = decode_results(body)
     assert ok and value == 11 and out == "item 1\n" and took >= 0
-    kind, job, body = remote.read_frame(worker.stdout)
-    assert (kind, job) == (remote.RESULT, 6)
+    kind, job, body = protocol.read_frame(worker.stdout)
+    assert (kind, job) == (protocol.RESULT, 6)
     results = decode_results(body)
     assert [r[1] for r in results[:2]] == [11, 12]
     assert results[2][0] is False and results[2][1][0] == "TypeError"
@@ -97,8 +94,8 @@ def test_call_and_map_and_output_over_a_pipe(worker, tmp_path):
 
 
 def test_jobs_see_the_real_functools(worker):
-    # The worker loads _pickle with a stand-in functools (see remote._import_pickle); a job
-    # importing functools must get the real module, and pickling partials must work.
+    # The worker loads _pickle with a stand-in functools (see remote.worker._import_pickle):
+    # a job importing functools must get the real module, and pickling partials must work.
     def job():
         import functools
         import sys
@@ -107,15 +104,15 @@ def test_jobs_see_the_real_functools(worker):
         return (sys.modules["functools"] is functools, cached(1), functools.reduce(int.__add__, [1, 2, 3]),
                 functools.partial(pow, 2)(5), type(functools.partial(pow, 2)).__module__)
 
-    send(worker, remote.FUNC, 1, cloudpickle.dumps(job))
-    send(worker, remote.CALL, 1, remote.FID.pack(1) + pickle.dumps(((), {})))
-    kind, _, body = remote.read_frame(worker.stdout)
+    send(worker, protocol.FUNC, 1, cloudpickle.dumps(job))
+    send(worker, protocol.CALL, 1, protocol.FID.pack(1) + pickle.dumps(((), {})))
+    kind, _, body = protocol.read_frame(worker.stdout)
     [(ok, value, out, err, took)] = decode_results(body)
     assert ok, value
     assert value == (True, 2, 6, 32, "functools")
-    send(worker, remote.FUNC, 2, cloudpickle.dumps(lambda: __import__("functools").partial(max, 3)))
-    send(worker, remote.CALL, 2, remote.FID.pack(2) + pickle.dumps(((), {})))
-    kind, _, body = remote.read_frame(worker.stdout)
+    send(worker, protocol.FUNC, 2, cloudpickle.dumps(lambda: __import__("functools").partial(max, 3)))
+    send(worker, protocol.CALL, 2, protocol.FID.pack(2) + pickle.dumps(((), {})))
+    kind, _, body = protocol.read_frame(worker.stdout)
     [(ok, value, out, err, took)] = decode_results(body)
     assert ok and value(7) == 7 and value(1) == 3  # a partial pickled by the host, loaded here
 
@@ -126,47 +123,46 @@ def test_worker_exits_at_end_of_input(worker):
 
 
 def test_job_reading_stdin_cannot_eat_frames(worker):
-    send(worker, remote.FUNC, 1, cloudpickle.dumps(lambda: __import__("sys").stdin.read()))
-    send(worker, remote.CALL, 1, remote.FID.pack(1) + pickle.dumps(((), {})))
-    send(worker, remote.CALL, 2, remote.FID.pack(1) + pickle.dumps(((), {})))
+    send(worker, protocol.FUNC, 1, cloudpickle.dumps(lambda: __import__("sys").stdin.read()))
+    send(worker, protocol.CALL, 1, protocol.FID.pack(1) + pickle.dumps(((), {})))
+    send(worker, protocol.CALL, 2, protocol.FID.pack(1) + pickle.dumps(((), {})))
     for job in (1, 2):
-        kind, got, body = remote.read_frame(worker.stdout)
-        assert (kind, got) == (remote.RESULT, job)
+        kind, got, body = protocol.read_frame(worker.stdout)
+        assert (kind, got) == (protocol.RESULT, job)
         assert decode_results(body)[0][:2] == (True, "")
 
 
 def test_hello_json_without_the_json_module():
-    """HELLO and FATAL are written by remote._json (json's import costs every worker start):
+    """HELLO and FATAL are written by protocol._json (json's import costs every worker start):
     the controller's json.loads must get back exactly what the worker had."""
     odd = 'q"uote \\ back\nnew\ttab \x00 \x7f é € 😀 \udcff'
     for value in ({"home": odd, "python": [3, 11, 2], "cpus": 2, "none": None, "flags": [True, False]},
                   [odd, "Traceback (most recent call last):\n  ...", -1], {}, [], ""):
-        assert json.loads(remote._json(value)) == value
+        assert json.loads(protocol._json(value)) == value
 
 
-def start_keyed(tmp_path, source=SOURCE):
+def start_keyed(tmp_path):
     """A worker started the way the controller starts one: with a cache key and the
     workdir on the first line, and a pickled CONFIG."""
-    key = hashlib.sha256(source).hexdigest()[:32].encode()
     wd = str(tmp_path / "wd")
-    proc = subprocess.Popen(["/usr/bin/python3", "-c", remote.STUB], stdin=subprocess.PIPE,
+    proc = subprocess.Popen(["/usr/bin/python3", "-c", STUB], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     config = {"cloudpickle": cloudpickle.__version__, "workdir": wd}
-    proc.stdin.write(b"%d %s %s\n" % (len(source), key, wd.encode().hex().encode()) + source
-                     + remote.pack(remote.CONFIG, 0, pickle.dumps(config, protocol=4)))
+    proc.stdin.write(WORKER.start(wd)
+                     + protocol.pack(protocol.CONFIG, 0, pickle.dumps(config, protocol=4)))
     proc.stdin.flush()
-    kind, _, body = remote.read_frame(proc.stdout)
-    assert kind == remote.HELLO, body
+    kind, _, body = protocol.read_frame(proc.stdout)
+    assert kind == protocol.HELLO, body
     hello = json.loads(body)
     if hello["cloudpickle"] != cloudpickle.__version__:
         sources = {f"cloudpickle/{p}": open(f"{cloudpickle.__path__[0]}/{p}").read()
                    for p in ("__init__.py", "cloudpickle.py", "cloudpickle_fast.py")}
-        send(proc, remote.MODULES, 0, pickle.dumps(sources))
+        send(proc, protocol.MODULES, 0, pickle.dumps(sources))
     # it serves jobs
-    send(proc, remote.FUNC, 1, cloudpickle.dumps(lambda x: x * 3))
-    send(proc, remote.CALL, 2, remote.FID.pack(1) + pickle.dumps(((5,), {})))
-    kind, job, body = remote.read_frame(proc.stdout)
-    assert (kind, job) == (remote.RESULT, 2) and decode_results(body)[0][:2] == (True, 15)
+    send(proc, protocol.FUNC, 1, cloudpickle.dumps(lambda x: x * 3))
+    send(proc, protocol.CALL, 2, protocol.FID.pack(1) + pickle.dumps(((5,), {})))
+    kind, job, body = protocol.read_frame(proc.stdout)
+    assert (kind, job) == (protocol.RESULT, 2) and decode_results(body)[0][:2] == (True, 15)
     proc.stdin.close()
     assert proc.wait(timeout=10) == 0, proc.stderr.read()
     proc.stdout.close()
@@ -181,12 +177,13 @@ def test_compiled_worker_is_cached_privately_and_used(tmp_path):
     assert stat.S_IMODE((tmp_path / "wd").stat().st_mode) == 0o700
     # the next worker runs the cached code, not the source it is sent: prove it with a
     # cached variant that reports another platform
-    assert b'"platform": sys.platform' in SOURCE
-    variant = SOURCE.replace(b'"platform": sys.platform', b'"platform": "from-cache"')
+    sources = dict(SOURCES)
+    assert b'"platform": sys.platform' in sources["worker"]
+    sources["worker"] = sources["worker"].replace(b'"platform": sys.platform', b'"platform": "from-cache"')
     cached.write_bytes(subprocess.run(
-        ["/usr/bin/python3", "-c", "import marshal,sys;sys.stdout.buffer.write(marshal.dumps("
-         "compile(sys.stdin.buffer.read(),'sshjobs_remote.py','exec')))"],
-        input=variant, capture_output=True, check=True).stdout)
+        ["/usr/bin/python3", "-c", "import marshal,pickle,sys;sys.stdout.buffer.write(marshal.dumps(tuple("
+         "compile(s,n,'exec') for n,s in pickle.load(sys.stdin.buffer))))"],
+        input=pickle.dumps([(n, sources[n]) for n in WORKER.names]), capture_output=True, check=True).stdout)
     assert start_keyed(tmp_path)[0]["platform"] == "from-cache"
     assert hello["platform"] == sys.platform
     # a cache file that others could have written is not trusted: compiled again, replaced
