@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import pickle
@@ -12,8 +13,8 @@ import sys
 import cloudpickle
 import pytest
 
-from sshjobs.remote import SOURCES, STUB, WORKER, protocol
-from sshjobs.worker import decode_results
+from sshjobs.remote import PROVISION, SOURCES, STUB, WORKER, protocol
+from sshjobs.worker import _cloudpickle_sources, decode_results
 
 
 def test_frames_round_trip_and_partial_reads():
@@ -54,9 +55,7 @@ def worker(tmp_path):
     assert kind == protocol.HELLO
     hello = json.loads(body)
     if hello["cloudpickle"] != cloudpickle.__version__:
-        sources = {f"cloudpickle/{p}": open(f"{cloudpickle.__path__[0]}/{p}").read()
-                   for p in ("__init__.py", "cloudpickle.py", "cloudpickle_fast.py")}
-        proc.stdin.write(protocol.pack(protocol.MODULES, 0, pickle.dumps(sources)))
+        proc.stdin.write(protocol.pack(protocol.MODULES, 0, pickle.dumps(_cloudpickle_sources())))
     proc.hello = hello
     yield proc
     proc.kill()
@@ -155,9 +154,7 @@ def start_keyed(tmp_path):
     assert kind == protocol.HELLO, body
     hello = json.loads(body)
     if hello["cloudpickle"] != cloudpickle.__version__:
-        sources = {f"cloudpickle/{p}": open(f"{cloudpickle.__path__[0]}/{p}").read()
-                   for p in ("__init__.py", "cloudpickle.py", "cloudpickle_fast.py")}
-        send(proc, protocol.MODULES, 0, pickle.dumps(sources))
+        send(proc, protocol.MODULES, 0, pickle.dumps(_cloudpickle_sources()))
     # it serves jobs
     send(proc, protocol.FUNC, 1, cloudpickle.dumps(lambda x: x * 3))
     send(proc, protocol.CALL, 2, protocol.FID.pack(1) + pickle.dumps(((5,), {})))
@@ -208,3 +205,90 @@ def test_an_unwritable_code_cache_still_starts(tmp_path):
     (tmp_path / "wd" / "code").write_text("a file where the cache directory would go")
     for _ in range(2):
         assert start_keyed(tmp_path)[0]["platform"] == sys.platform
+
+
+def test_frame_kinds_keep_their_wire_values_and_names():
+    assert protocol.KINDS == {1: "CONFIG", 2: "MODULES", 3: "FUNC", 4: "CALL", 5: "MAP", 6: "SHUTDOWN", 10: "HELLO",
+                              11: "RESULT", 12: "OUTPUT", 13: "FATAL", 14: "BYTES", 15: "BYTEARRAY"}
+    assert all(getattr(protocol, name) == code for code, name in protocol.KINDS.items())
+    assert protocol.kind_name(protocol.CALL) == "CALL" and protocol.kind_name(99) == "kind 99"
+    # kind, job id, payload length (network order), payload
+    assert protocol.pack(protocol.CALL, 7, b"abc") == b"\x04" + b"\x00\x00\x00\x07" + b"\x00" * 7 + b"\x03abc"
+
+
+def test_remote_files_keep_to_old_python_syntax():
+    """An older host python3 must get as far as HELLO for the controller to name the
+    mismatch: no syntax newer than the remote code has always used (no f-strings either)."""
+    for name, source in [*SOURCES.items(), ("STUB", STUB)]:
+        tree = ast.parse(source, feature_version=(3, 6))
+        assert not any(isinstance(n, ast.JoinedStr) for n in ast.walk(tree)), name
+
+
+def test_the_worker_bundle_holds_no_provisioning_code():
+    assert WORKER.names == ("protocol", "files", "worker") and PROVISION.names[-1] == "provision"
+    assert SOURCES["provision"] not in WORKER.data
+    for word in (b"def env_hash", b"def find_uv", b"def provision_request", b"uv venv", b"-m venv", b"\nimport json"):
+        assert word in PROVISION.data and word not in WORKER.data, word
+    assert b"class Worker" not in PROVISION.data
+    assert WORKER.key != PROVISION.key
+
+
+# The host's python3 as on a machine with nothing of sshjobs: isolated (no PYTHON* variables,
+# no user site, no current folder on the path), no site-packages.
+BARE_PYTHON3 = ["/usr/bin/python3", "-I", "-S", "-c", STUB]
+
+
+def test_the_worker_bundle_runs_on_a_bare_python3(tmp_path):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    wd = str(tmp_path / "wd")
+
+    def job(x):
+        import importlib.util
+        import sys
+
+        return (x * 2, sorted(m for m in sys.modules if m.startswith("sshjobs")),
+                importlib.util.find_spec("sshjobs"), sys.flags.isolated, sys.flags.no_site)
+
+    for start in ("compiled", "from the code cache"):
+        proc = subprocess.Popen(BARE_PYTHON3, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        config = {"cloudpickle": cloudpickle.__version__, "workdir": wd}
+        proc.stdin.write(WORKER.start(wd) + protocol.pack(protocol.CONFIG, 0, pickle.dumps(config, protocol=4)))
+        proc.stdin.flush()
+        kind, _, body = protocol.read_frame(proc.stdout)
+        assert kind == protocol.HELLO, (start, body)
+        hello = json.loads(body)
+        if start == "compiled":
+            assert hello["cloudpickle"] is None  # not even the system's: no site-packages
+            send(proc, protocol.MODULES, 0, pickle.dumps(_cloudpickle_sources()))
+        else:
+            assert hello["cloudpickle"] == cloudpickle.__version__  # cached in the workdir
+            assert [p.name.split("-")[0] for p in (tmp_path / "wd" / "code").iterdir()] == [WORKER.key.decode()]
+        send(proc, protocol.FUNC, 1, cloudpickle.dumps(job))
+        send(proc, protocol.CALL, 2, protocol.FID.pack(1) + pickle.dumps(((21,), {})))
+        kind, job_id, body = protocol.read_frame(proc.stdout)
+        assert (kind, job_id) == (protocol.RESULT, 2)
+        [(ok, value, out, err, took)] = decode_results(body)
+        assert ok, value
+        assert value == (42, ["sshjobs_remote", "sshjobs_remote.files", "sshjobs_remote.protocol",
+                              "sshjobs_remote.worker"], None, 1, 1)
+        proc.stdin.close()
+        assert proc.wait(timeout=10) == 0, proc.stderr.read()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def test_the_provisioning_bundle_runs_on_a_bare_python3(tmp_path):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    wd = tmp_path / "wd"
+    wd.mkdir(mode=0o700)
+    request = json.dumps({"op": "list", "workdir": str(wd)}).encode()
+    for _ in range(2):  # compiled, then from the code cache
+        out = subprocess.run(BARE_PYTHON3, cwd=cwd, input=PROVISION.start(str(wd)) + request,
+                             capture_output=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout) == {"ok": True, "workdir": str(wd), "envs": []}
+        [cached] = (wd / "code").iterdir()
+        assert cached.name.startswith(PROVISION.key.decode()) and stat.S_IMODE(cached.stat().st_mode) == 0o600
