@@ -20,35 +20,37 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-# The command-line bootstrap.  Its stdin: a line "KEY WORKDIR-IN-HEX (NAME LENGTH)...",
-# then each module's source, LENGTH bytes each.  It reads fd 0 unbuffered so that no byte
-# meant for the program (frames, a request) is read ahead and lost.  It runs the tuple of
-# code objects that an earlier start cached under WORKDIR/code/KEY-... (compiling the
-# worker costs ~3 ms of CPU), and compiles the sources when that file is missing,
-# unreadable, not its user's own, writable by others or not such a tuple; the program
-# writes it then (files.save_code).  KEY and WORKDIR "-": no cache.  Kept to what the
-# oldest host Python runs, so that one can still say which Python it is.
+# The command-line bootstrap.  Its stdin: a line "LENGTH KEY WORKDIR-IN-HEX NAME...", then
+# LENGTH bytes: the modules' sources, in that order, each ended by a NUL byte (which Python
+# source cannot hold).  It reads fd 0 unbuffered so that no byte meant for the program
+# (frames, a request) is read ahead and lost.  It runs the tuple of code objects that an
+# earlier start cached under WORKDIR/code/KEY-... (compiling the worker costs ~3 ms of
+# CPU), and compiles the sources when that file is missing, unreadable, not its user's
+# own, writable by others or not such a tuple; the program writes it then
+# (files.save_code).  KEY and WORKDIR "-": no cache.  Every byte of the STUB is compiled
+# at every start (~0.2 ms of CPU), so it stays terse; marshal.loads(f.read()), not
+# marshal.load(f), which reads the file a few bytes per call.  Kept to what the oldest
+# host Python runs, so that one can still say which Python it is.
 STUB = """import os,sys,types,marshal
 r=os.fdopen(0,'rb',0)
-h=r.readline().split()
-N=[x.decode() for x in h[2::2]];L=[int(x) for x in h[3::2]];n=sum(L)
-b=bytearray()
+h=r.readline().decode().split();N=h[3:]
+n=int(h[0]);b=bytearray()
 while len(b)<n:
  c=r.read(n-len(b))
  if not c:sys.exit(3)
  b+=c
 P='sshjobs_remote';m=sys.modules[P]=types.ModuleType(P);m.__path__=[];p=None
 try:
- p=os.path.join(os.path.expanduser(bytes.fromhex(h[1].decode()).decode()),'code','%s-%s-%x'%(h[0].decode(),sys.implementation.cache_tag,sys.hexversion))
+ p=os.path.expanduser(bytes.fromhex(h[2]).decode())+'/code/%s-%s-%x'%(h[1],sys.implementation.cache_tag,sys.hexversion)
  with open(p,'rb') as f:
   s=os.fstat(f.fileno())
   if s.st_uid!=os.getuid() or s.st_mode&18:raise ValueError
-  c=marshal.load(f)
- if type(c) is not tuple or [type(x) for x in c]!=[types.CodeType]*len(N):raise ValueError
+  c=marshal.loads(f.read())
+ if tuple(map(type,c))!=len(N)*(types.CodeType,):raise ValueError
 except Exception:
- c=[];i=0
- for k,n in zip(N,L):c.append(compile(bytes(b[i:i+n]),P+'/'+k+'.py','exec'));i+=n
- c=tuple(c);m.CODE_CACHE=p and(p,c)
+ c=()
+ for k,s in zip(N,b.split(b'\\0')):c+=compile(s,P+'/'+k+'.py','exec'),
+ m.CODE_CACHE=p and(p,c)
 for k,x in zip(N,c):
  d=sys.modules[P+'.'+k]=types.ModuleType(P+'.'+k);d.__package__=P;exec(x,d.__dict__)
 d.main()"""
@@ -64,16 +66,14 @@ class Bundle:
 
     def __init__(self, *names: str):
         self.names = names
-        self.data = b"".join(SOURCES[n] for n in names)
-        self.index = b" ".join(b"%s %d" % (n.encode(), len(SOURCES[n])) for n in names)
+        self.data = b"".join(SOURCES[n] + b"\0" for n in names)
         # the name of the compiled code in a host's workdir (the stub's reading of it too)
-        self.key = hashlib.sha256(b"\0".join((STUB.encode(), self.index, self.data))).hexdigest()[:32].encode()
+        self.key = hashlib.sha256(b"\0".join((STUB.encode(), " ".join(names).encode(), self.data))).hexdigest()[:32]
 
     def header(self, workdir: str | None = None) -> bytes:
         """The STUB's first line; without a workdir the code is compiled and not cached."""
-        if not workdir:
-            return b"- - %s\n" % self.index
-        return b"%s %s %s\n" % (self.key, workdir.encode().hex().encode(), self.index)
+        key, where = (self.key, workdir.encode().hex()) if workdir else ("-", "-")
+        return f"{len(self.data)} {key} {where} {' '.join(self.names)}\n".encode()
 
     def start(self, workdir: str | None = None) -> bytes:
         """What the STUB reads from stdin before the program does: header and sources."""

@@ -22,7 +22,7 @@ import struct
 
 HEADER = struct.Struct("!BIQ")
 
-KINDS = {}  # code -> name, for traces and errors
+KINDS = {}  # code -> name ("CALL"), for traces and errors
 
 
 def _kind(code, name):
@@ -46,11 +46,6 @@ FATAL = _kind(13, "FATAL")  # JSON: the worker cannot go on
 BYTES = _kind(14, "BYTES")  # the receiver makes it a bytes
 BYTEARRAY = _kind(15, "BYTEARRAY")  # ... a bytearray (it stood for a bytearray or a writable buffer)
 OOB_MIN = 64 * 1024  # payloads this big leave the pickle (= pickle's own frame size)
-
-
-def kind_name(code):
-    """A frame kind's name ("CALL"), or "kind N" for a code no one defined."""
-    return KINDS.get(code) or "kind %d" % code
 
 
 META_LEN = struct.Struct("!I")
