@@ -10,12 +10,13 @@ import ipaddress
 from os import PathLike
 from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
-from . import provisioning, remote, safe
+from . import provisioning, safe
 from .errors import NoHosts, PicklingError
 from .events import Callback, Events
 from .hosts import HostState
 from .inventory import BaseInventory
 from .log import get_logger
+from .remote import protocol
 from .result import Result, failed
 from .scheduler import Call, MapRun, call, least_loaded, pickle_function, pickling_failure
 from .scheduler import ping as ping_host
@@ -282,7 +283,7 @@ class Cluster:
     def _send(self, state: HostState, worker: Worker, fn: Callable, fn_bytes: bytes, args: tuple, kwargs: dict,
               timeout: float | None, safe_results) -> "asyncio.Future[Result]":
         try:
-            return Call(state, worker, remote.CALL, fn, fn_bytes, (args, kwargs), (0,), timeout=timeout,
+            return Call(state, worker, protocol.CALL, fn, fn_bytes, (args, kwargs), (0,), timeout=timeout,
                         loads=self._loads(state, safe_results)).out
         except Exception as exc:
             out = asyncio.get_running_loop().create_future()

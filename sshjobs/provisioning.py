@@ -2,8 +2,8 @@
 
 An environment is identified by a hash of (the host interpreter's version and path, the
 sorted requirement set, the index options) and lives in ``<workdir>/envs/<hash>``.  The
-host-side half is ``sshjobs.remote.provision_request``, run through ``python3 -c
-PROVISION_STUB``: one command per step, JSON in and out.
+host-side half is ``sshjobs.remote.provision``, run through ``python3 -c STUB`` with the
+``PROVISION`` bundle: one command per step, JSON in and out.
 
 Installing a set that is already there costs one round trip per host (``check``).
 Otherwise the controller gets uv onto the host if it has none (uploads its own binary
@@ -29,7 +29,7 @@ from typing import Iterable, Sequence
 
 import asyncssh
 
-from . import remote
+from .remote import PROVISION, STUB, provision
 from .connection import env_prefix, shell_word, split_env
 from .errors import (ConfigError, HostError, HostLost, InstallError, OfflineError, PythonMismatch, RequirementsError, UploadError,
                      WorkerStartError, make_error)
@@ -39,8 +39,7 @@ from .result import Result, failed
 
 log = get_logger("sshjobs.provisioning")
 
-_SOURCE = Path(remote.__file__).read_bytes()
-_STUB_WORD = shlex.quote(remote.PROVISION_STUB)
+_STUB_WORD = shlex.quote(STUB)
 UV_METHODS = ("path", "workdir", "upload", "pip", "venv-pip")
 
 
@@ -91,7 +90,7 @@ async def remote_call(state: HostState, request: dict, python: str | None = None
     env = dict(state.host.env) | dict(state.env)  # what the workers get too
     early, late = split_env(env)  # secrets stay off the command line
     cmd = f"exec {env_prefix(early)}{shell_word(python)} -c {_STUB_WORD}"
-    data = b"%d\n" % len(_SOURCE) + _SOURCE + json.dumps(dict(request, env=late)).encode()
+    data = PROVISION.start(request.get("workdir")) + json.dumps(dict(request, env=late)).encode()
     try:
         proc = await state.link.run(cmd, input=data)
     except (asyncssh.Error, OSError) as exc:
@@ -117,8 +116,8 @@ def expected_hash(state: HostState, reqs: list[str], opts: list[str]) -> str | N
     if not all(k in hello for k in ("implementation", "realpath", "python", "index_env")):
         return None
     version = ".".join(map(str, hello["python"][:3]))
-    pid = remote.python_id(hello["implementation"], version, hello["realpath"])
-    return remote.env_hash(pid, reqs, list(opts) + list(hello["index_env"]))
+    pid = provision.python_id(hello["implementation"], version, hello["realpath"])
+    return provision.env_hash(pid, reqs, list(opts) + list(hello["index_env"]))
 
 
 async def quick_check(state: HostState, reqs: list[str], opts: list[str]) -> dict | None:
@@ -127,7 +126,7 @@ async def quick_check(state: HostState, reqs: list[str], opts: list[str]) -> dic
     if h is None:
         return None
     env = f"{state.host.workdir.rstrip('/')}/envs/{h}"
-    marker = shlex.quote(remote.ENV_MARKER)
+    marker = shlex.quote(provision.ENV_MARKER)
     cmd = f"cd {shell_word(env)} 2>/dev/null && test -f {marker} && touch {marker} && pwd"
     try:
         proc = await state.link.run(cmd)
@@ -267,7 +266,7 @@ class WheelDownloads:
         if proc.returncode != 0:
             text = out.decode("utf-8", "replace").strip()
             raise OfflineError("downloading wheels on the controller failed:\n"
-                                     + remote._trim(text))
+                               + provision._trim(text))
         return sorted(dest.glob("*.whl"))
 
     def cleanup(self) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pickle
 from typing import Callable, Iterable
 
-from .remote import _Reader  # a file over a buffer that does not copy it first
+from .remote.protocol import Reader  # a file over a buffer that does not copy it first
 
 # Builtin data types a pickle names by module and name (lists, dicts, sets, tuples, str,
 # bytes, int, float, bool and None need no name: they are pickle opcodes).
@@ -65,9 +65,9 @@ def make_loads(extra: Iterable[str] = ()) -> Callable:
     allowed = DEFAULT_ALLOWED | frozenset(extra)
 
     def safe_loads(data, buffers=None) -> object:
-        # Out-of-band buffers (see sshjobs.remote.Parts) are plain bytes or bytearrays,
+        # Out-of-band buffers (see sshjobs.remote.protocol.Parts) are plain bytes or bytearrays,
         # placed by NEXT_BUFFER: they name no type, so the allowlist needs no entry.
-        return _Unpickler(_Reader(data), allowed, buffers).load()
+        return _Unpickler(Reader(data), allowed, buffers).load()
 
     safe_loads.allowed = allowed  # type: ignore[attr-defined]
     return safe_loads

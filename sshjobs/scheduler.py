@@ -20,9 +20,9 @@ from typing import Any, Awaitable, Callable, NamedTuple, Sequence
 
 import cloudpickle
 
-from . import remote
 from .errors import (PicklingError, ProtocolError, RemoteError, SshjobsError, Timeout, WorkerLost)
 from .hosts import HostState
+from .remote import protocol
 from .result import Result, failed, failure
 from .worker import AllOk, Worker, decode_results, dumps
 
@@ -216,8 +216,8 @@ def make_results(worker: Worker, raw, outputs, indices: Sequence[int], attempts:
     for item, (index, d) in enumerate(zip(indices, decoded)):
         so, se = d.stdout, d.stderr
         if outputs:
-            out = outputs.get((item, remote.STDOUT))
-            err = outputs.get((item, remote.STDERR))
+            out = outputs.get((item, protocol.STDOUT))
+            err = outputs.get((item, protocol.STDERR))
             so = out.text(so) if out else so
             se = err.text(se) if err else se
         if d.ok:
@@ -340,7 +340,7 @@ async def call(state: HostState, slot: int, fn: Callable, fn_bytes: bytes, body,
     if worker is None:
         return state.failure(index)
     try:
-        job = Call(state, worker, remote.CALL, fn, fn_bytes, body, (index,), timeout=timeout, loads=loads)
+        job = Call(state, worker, protocol.CALL, fn, fn_bytes, body, (index,), timeout=timeout, loads=loads)
     except Exception as exc:
         return pickling_failure(exc, state.name, index)
     return await job.out
@@ -528,7 +528,7 @@ class MapRun:
     def send(self, state: HostState, worker: Worker, chunk: Chunk, loads) -> Call | None:
         start, end = chunk.start, chunk.end
         try:
-            return Call(state, worker, remote.MAP, self.fn, self.fn_bytes, (self.items[start:end],),
+            return Call(state, worker, protocol.MAP, self.fn, self.fn_bytes, (self.items[start:end],),
                         range(start, end), timeout=self.timeout, loads=loads, attempt=chunk.attempt, one=False,
                         report_errors=False)
         except Exception:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import io
 import json
 import pickle
@@ -18,7 +17,7 @@ from pathlib import Path
 import asyncssh
 import cloudpickle
 
-from . import remote
+from .remote import STUB, WORKER, protocol
 from .connection import HostLink, env_prefix, shell_word, split_env
 from .errors import HostLost, PythonMismatch, UnpicklableResult, UnsafeResult, WorkerError, WorkerLost, WorkerStartError
 from .log import get_logger
@@ -26,15 +25,7 @@ from .safe import RefusedType
 
 log = get_logger("sshjobs.worker")
 
-WORKER_SOURCE_END = b"\n# -- environments:"
-_FULL_SOURCE = Path(remote.__file__).read_bytes()
-# A worker gets remote.py up to the host side of provisioning, which it never runs:
-# compiling that too cost every worker start ~3 ms of CPU.
-_REMOTE_SOURCE = _FULL_SOURCE[:_FULL_SOURCE.find(WORKER_SOURCE_END)] + b"\n" \
-    if WORKER_SOURCE_END in _FULL_SOURCE else _FULL_SOURCE
-_STUB_WORD = shlex.quote(remote.STUB)
-# The name of the source's compiled code in a host's workdir cache (see remote.STUB).
-_SOURCE_KEY = hashlib.sha256(_REMOTE_SOURCE).hexdigest()[:32].encode()
+_STUB_WORD = shlex.quote(STUB)
 _FUNC_CACHE = 1024  # functions a worker keeps; older ones are forgotten
 STDERR_TAIL = 64 * 1024
 MAX_OUTPUT = 16 * 1024 * 1024  # characters of a job's stdout (and of its stderr) kept
@@ -169,8 +160,7 @@ class Worker:
         config = {"cloudpickle": cloudpickle.__version__, "workdir": workdir, "slots": self.slots,
                   "env": late}
         try:
-            self._chan.write(b"%d %s %s\n" % (len(_REMOTE_SOURCE), _SOURCE_KEY, workdir.encode().hex().encode())
-                             + _REMOTE_SOURCE + remote.pack(remote.CONFIG, 0, pickle.dumps(config, protocol=4)))
+            self._chan.write(WORKER.start(workdir) + protocol.pack(protocol.CONFIG, 0, pickle.dumps(config, protocol=4)))
         except (BrokenPipeError, asyncssh.Error, OSError):
             pass  # it ended already (no such python, say): _lost() tells the hello why
         try:
@@ -189,7 +179,7 @@ class Worker:
         if self.hello.get("cloudpickle") != cloudpickle.__version__:
             log.debug("shipping cloudpickle", host=self.host.name, have=self.hello.get("cloudpickle"))
             try:
-                self._chan.write(remote.pack(remote.MODULES, 0, pickle.dumps(_cloudpickle_sources())))
+                self._chan.write(protocol.pack(protocol.MODULES, 0, pickle.dumps(_cloudpickle_sources())))
             except (BrokenPipeError, asyncssh.Error, OSError):
                 raise self._lost_error() from None
         return self
@@ -224,11 +214,11 @@ class Worker:
             return fid
         self._next_fid = (self._next_fid + 1) & 0xFFFFFFFF
         fid = self._next_fid
-        self._write(remote.FUNC, fid, fn_bytes)
+        self._write(protocol.FUNC, fid, fn_bytes)
         self._funcs[fn_bytes] = fid
         if len(self._funcs) > _FUNC_CACHE:
             _, old = self._funcs.popitem(last=False)
-            self._write(remote.FUNC, old, b"")
+            self._write(protocol.FUNC, old, b"")
         return fid
 
     def send(self, kind: int, fn_bytes: bytes, body: tuple | bytes, size: int = 1) -> asyncio.Future:
@@ -251,7 +241,7 @@ class Worker:
             for buf_kind, buf in blob.buffers:
                 self._write(buf_kind, job_id, buf)
             blob = blob.data
-        self._write(kind, job_id, remote.FID.pack(fid), blob)
+        self._write(kind, job_id, protocol.FID.pack(fid), blob)
         return fut
 
     def _write(self, kind: int, job_id: int, *parts: bytes) -> None:
@@ -260,7 +250,7 @@ class Worker:
         sent to ten hosts is held once, not eleven times.  Frames queued in one turn of the
         event loop leave together: asyncssh builds and encrypts a packet per write, which
         bounded many small jobs (2,700 submits/s with a write per frame)."""
-        self._outq.append(remote.HEADER.pack(kind, job_id, sum(len(p) for p in parts)))
+        self._outq.append(protocol.HEADER.pack(kind, job_id, sum(len(p) for p in parts)))
         self._outq.extend(memoryview(p) for p in parts if p)
         if not self._flush_soon:
             self._flush_soon = True
@@ -310,30 +300,30 @@ class Worker:
                 self._dispatch(kind, job_id, sink.getvalue())
                 continue
             buf = self._buf
-            need = remote.HEADER.size - len(buf)
+            need = protocol.HEADER.size - len(buf)
             if end - pos < need:
                 buf += view[pos:end]
                 break
             if buf:
                 buf += view[pos:pos + need]
-                kind, job_id, size = remote.HEADER.unpack(buf)
+                kind, job_id, size = protocol.HEADER.unpack(buf)
                 buf.clear()
                 pos += need
             else:
-                kind, job_id, size = remote.HEADER.unpack_from(view, pos)
-                pos += remote.HEADER.size
+                kind, job_id, size = protocol.HEADER.unpack_from(view, pos)
+                pos += protocol.HEADER.size
             if size <= end - pos and size < (1 << 20):
                 body = bytes(view[pos:pos + size])
                 pos += size
-                self._dispatch(kind, job_id, bytearray(body) if kind == remote.BYTEARRAY else body)
+                self._dispatch(kind, job_id, bytearray(body) if kind == protocol.BYTEARRAY else body)
             elif size == 0:
-                self._dispatch(kind, job_id, bytearray() if kind == remote.BYTEARRAY else b"")
+                self._dispatch(kind, job_id, bytearray() if kind == protocol.BYTEARRAY else b"")
             else:
-                frame = (kind, job_id, _Fill(size) if kind == remote.BYTEARRAY else io.BytesIO(bytes(size)), size)
+                frame = (kind, job_id, _Fill(size) if kind == protocol.BYTEARRAY else io.BytesIO(bytes(size)), size)
         self._frame = frame
 
     def _dispatch(self, kind: int, job_id: int, body) -> None:
-        if kind == remote.RESULT:
+        if kind == protocol.RESULT:
             fut = self.pending.pop(job_id, None)
             out = self.outputs.pop(job_id, None)
             if self._oob:
@@ -344,7 +334,7 @@ class Worker:
                 self.in_flight -= fut.size
                 if not fut.done():
                     fut.set_result((body, out))
-        elif kind == remote.BYTES or kind == remote.BYTEARRAY:
+        elif kind == protocol.BYTES or kind == protocol.BYTEARRAY:
             if job_id not in self.pending:
                 return  # nobody waits for it (or a broken host): not kept until the worker ends
             buffers = self._oob.get(job_id)
@@ -352,9 +342,9 @@ class Worker:
                 self._oob[job_id] = [body]
             else:
                 buffers.append(body)
-        elif kind == remote.OUTPUT:
-            stream, item = remote.OUTPUT_HEAD.unpack_from(body, 0)
-            text = bytes(body[remote.OUTPUT_HEAD.size:]).decode("utf-8", "replace")
+        elif kind == protocol.OUTPUT:
+            stream, item = protocol.OUTPUT_HEAD.unpack_from(body, 0)
+            text = bytes(body[protocol.OUTPUT_HEAD.size:]).decode("utf-8", "replace")
             tails = self.outputs.get(job_id)
             if tails is None:
                 tails = self.outputs[job_id] = {}
@@ -364,10 +354,10 @@ class Worker:
             tail.add(text)
             if self.on_output is not None:
                 self.on_output(self, job_id, item, stream, text)
-        elif kind == remote.HELLO:
+        elif kind == protocol.HELLO:
             if self._hello and not self._hello.done():
                 self._hello.set_result(json.loads(body))
-        elif kind == remote.FATAL:
+        elif kind == protocol.FATAL:
             etype, msg, tb = json.loads(body)
             err = WorkerStartError(f"{self.host.target}: worker failed to start: {etype}: {msg}")
             if self._hello and not self._hello.done():
@@ -425,13 +415,13 @@ PLAIN, BIG, NOT_PLAIN = 0, 1, 2
 
 
 def _big(values) -> int:
-    return BIG if any([len(v) >= remote.OOB_MIN for v in values if type(v) in _BUFFERS]) else PLAIN
+    return BIG if any([len(v) >= protocol.OOB_MIN for v in values if type(v) in _BUFFERS]) else PLAIN
 
 
 def _plain(obj) -> int:
     t = type(obj)
     if t in _PLAIN:
-        return BIG if t in _BUFFERS and len(obj) >= remote.OOB_MIN else PLAIN
+        return BIG if t in _BUFFERS and len(obj) >= protocol.OOB_MIN else PLAIN
     if t in (tuple, list):
         types = set(map(type, obj))
         if not _PLAIN.issuperset(types):
@@ -460,14 +450,14 @@ class Pickled:
 def dumps(obj: tuple) -> bytes | Pickled:
     """Plain data goes through pickle (fast); anything else through cloudpickle, which
     ships functions and classes of the controller's __main__ by value.  Payloads of
-    remote.OOB_MIN bytes or more leave the pickle (see remote.Parts): a bytes argument is
+    protocol.OOB_MIN bytes or more leave the pickle (see protocol.Parts): a bytes argument is
     sent from its own memory, a mutable one (bytearray, numpy array) from a copy taken now."""
     found = PLAIN
     for x in obj:
         found |= _plain(x)
     if found == PLAIN:
         return pickle.dumps(obj, protocol=5)
-    out = remote.Parts(False)
+    out = protocol.Parts(False)
     (cloudpickle.Pickler if found & NOT_PLAIN else pickle.Pickler)(out, protocol=5).dump(obj)
     return Pickled(out.data(), out.buffers) if out.buffers else out.data()
 
@@ -551,12 +541,12 @@ def decode_results(body, safe_loads=None) -> "list[Item] | AllOk":
     if type(body) is Buffered:
         body, buffers = body.body, body.buffers
     view = memoryview(body)
-    (mlen,) = remote.META_LEN.unpack_from(view, 0)
-    pos = remote.META_LEN.size
+    (mlen,) = protocol.META_LEN.unpack_from(view, 0)
+    pos = protocol.META_LEN.size
     loads = safe_loads or pickle.loads
     meta = loads(view[pos:pos + mlen])
     pos += mlen
-    if type(meta) is tuple and meta[0] == remote.ALL_OK:
+    if type(meta) is tuple and meta[0] == protocol.ALL_OK:
         durations = meta[1]
         n = len(durations)
         try:

@@ -1,4 +1,4 @@
-"""Big payloads out of band (remote.Parts, BYTES/BYTEARRAY frames): values intact, types
+"""Big payloads out of band (protocol.Parts, BYTES/BYTEARRAY frames): values intact, types
 and shared objects kept, safe_results still in force, and a worker lost halfway through
 a big result fails its job without a hang."""
 
@@ -11,7 +11,7 @@ import signal
 
 import pytest
 
-from sshjobs import remote
+from sshjobs.remote import protocol
 from sshjobs.errors import UnpicklableResult
 from sshjobs.safe import RefusedType, make_loads
 from sshjobs.worker import Buffered, Worker, decode_results, dumps, Pickled
@@ -20,14 +20,14 @@ MB = 1024 * 1024
 
 
 def parts_of(value, keep=True):
-    out = remote.Parts(keep)
+    out = protocol.Parts(keep)
     pickle.Pickler(out, protocol=5).dump(value)
     return out
 
 
 def received(buffers):
     """The buffers as a receiver makes them from BYTES and BYTEARRAY frames."""
-    return [bytearray(b) if kind == remote.BYTEARRAY else bytes(b) for kind, b in buffers]
+    return [bytearray(b) if kind == protocol.BYTEARRAY else bytes(b) for kind, b in buffers]
 
 
 def result_body(*values):
@@ -39,7 +39,7 @@ def result_body(*values):
         blobs.append(p.data())
         buffers += received(p.buffers)
     head = pickle.dumps(meta, protocol=4)
-    return remote.META_LEN.pack(len(head)) + head + b"".join(blobs), buffers
+    return protocol.META_LEN.pack(len(head)) + head + b"".join(blobs), buffers
 
 
 class Sneaky:
@@ -53,10 +53,10 @@ class Sneaky:
 def test_big_payloads_leave_the_pickle_and_come_back_as_the_same_objects():
     data = os.urandom(3 * MB)
     arr = bytearray(data[:MB])
-    value = {"b": data, "again": data, "ba": arr, "small": b"s" * 1000, "mid": b"m" * (remote.OOB_MIN - 1),
+    value = {"b": data, "again": data, "ba": arr, "small": b"s" * 1000, "mid": b"m" * (protocol.OOB_MIN - 1),
              "text": "t" * (2 * MB), "nested": [(1, data), [arr]]}
     out = parts_of(value)
-    assert [k for k, _ in out.buffers] == [remote.BYTES, remote.BYTEARRAY]
+    assert [k for k, _ in out.buffers] == [protocol.BYTES, protocol.BYTEARRAY]
     assert out.buffers[0][1] is data and out.buffers[1][1].obj is arr  # by reference: no copy
     assert out.size < 2 * MB + 200_000  # the text and the small ones stay in band
     got = pickle.loads(out.data(), buffers=received(out.buffers))
@@ -80,19 +80,19 @@ def test_the_controller_sends_bytes_from_their_memory_and_mutable_payloads_as_th
 
 def test_only_a_real_payload_opcode_sends_a_payload_out_of_band():
     n = 70_000
-    head = b"B" + remote._U32.pack(n)  # BINBYTES and the length, as the pickler writes them
+    head = b"B" + protocol._U32.pack(n)  # BINBYTES and the length, as the pickler writes them
     frame = b"K" * 100 + head  # a frame whose own data merely ends like that
     cases = [  # (pieces the pickler flushed before an n-byte write, out of band?)
-        ([b"\x80\x05\x95" + remote._U64.pack(len(frame)) + frame], False),
-        ([b"\x80\x05\x95" + remote._U64.pack(len(frame) - 5) + frame], True),
+        ([b"\x80\x05\x95" + protocol._U64.pack(len(frame)) + frame], False),
+        ([b"\x80\x05\x95" + protocol._U64.pack(len(frame) - 5) + frame], True),
         ([b"\x80\x05K\x01" + head], True),  # a tiny unframed frame, then the opcode
         ([b"\x80\x05" + b"K" * 10 + head], False),  # too much unframed data: not a pickler's flush
-        ([b"\x95" + remote._U64.pack(3) + b"K\x01(", head], True),
-        ([b"\x95" + remote._U64.pack(3) + b"K\x01(" + b"\x96" + remote._U64.pack(n)], True),
-        ([b"\x95" + remote._U64.pack(3) + b"K\x01(" + b"\x96" + remote._U64.pack(n + 1)], False),
+        ([b"\x95" + protocol._U64.pack(3) + b"K\x01(", head], True),
+        ([b"\x95" + protocol._U64.pack(3) + b"K\x01(" + b"\x96" + protocol._U64.pack(n)], True),
+        ([b"\x95" + protocol._U64.pack(3) + b"K\x01(" + b"\x96" + protocol._U64.pack(n + 1)], False),
     ]
     for pieces, oob in cases:
-        out = remote.Parts(True)
+        out = protocol.Parts(True)
         for piece in pieces:
             out.write(piece)
         out.write(bytes(n))
@@ -132,7 +132,7 @@ def test_numpy_arrays_go_out_of_band_in_memory_order_and_keep_their_flags():
     for keep in (True, False):  # the worker's way and the controller's
         for a in arrays:
             out = parts_of(a, keep)
-            assert len(out.buffers) == (a.nbytes >= remote.OOB_MIN) and out.size < 1000
+            assert len(out.buffers) == (a.nbytes >= protocol.OOB_MIN) and out.size < 1000
             for loads in (pickle.loads, make_loads()):
                 got = loads(out.data(), buffers=received(out.buffers))
                 assert np.array_equal(got, a) and got.dtype == a.dtype
@@ -223,7 +223,7 @@ def test_worker_killed_halfway_through_a_big_result_fails_the_job_without_a_hang
     def feed_and_kill(self, data):
         feed(self, data)
         frame = self._frame
-        if not killed and frame is not None and frame[0] == remote.BYTES and frame[3] < 90 * MB:
+        if not killed and frame is not None and frame[0] == protocol.BYTES and frame[3] < 90 * MB:
             killed.append(self)
             os.kill(self.hello["pid"], signal.SIGKILL)
 

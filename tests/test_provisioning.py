@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from sshjobs import Inventory, remote
+from sshjobs import Inventory
+from sshjobs.remote import PROVISION, STUB, provision
 from sshjobs.inventory import Host
 from sshjobs.errors import RequirementsError
 from sshjobs.provisioning import parse_age, parse_requirements, platform_args
@@ -106,11 +107,11 @@ def test_requirements_from_list_string_and_file(tmp_path):
 
 
 def test_env_id_depends_on_python_set_and_index_not_order():
-    a = remote.env_hash("cpython-3.11.2 /usr/bin/python3.11", ["six", "attrs"], [])
-    assert a == remote.env_hash("cpython-3.11.2 /usr/bin/python3.11", ["attrs", "six", "six"], [])
-    assert a != remote.env_hash("cpython-3.12.1 /usr/bin/python3.12", ["six", "attrs"], [])
-    assert a != remote.env_hash("cpython-3.11.2 /usr/bin/python3.11", ["six"], [])
-    assert a != remote.env_hash("cpython-3.11.2 /usr/bin/python3.11", ["six", "attrs"], ["UV_INDEX_URL=http://x"])
+    a = provision.env_hash("cpython-3.11.2 /usr/bin/python3.11", ["six", "attrs"], [])
+    assert a == provision.env_hash("cpython-3.11.2 /usr/bin/python3.11", ["attrs", "six", "six"], [])
+    assert a != provision.env_hash("cpython-3.12.1 /usr/bin/python3.12", ["six", "attrs"], [])
+    assert a != provision.env_hash("cpython-3.11.2 /usr/bin/python3.11", ["six"], [])
+    assert a != provision.env_hash("cpython-3.11.2 /usr/bin/python3.11", ["six", "attrs"], ["UV_INDEX_URL=http://x"])
 
 
 def test_platform_args_and_ages():
@@ -128,15 +129,13 @@ def test_provision_request_locally_over_a_pipe(tmp_path):
     """The host half on its own: list and prune an environment folder."""
     envs = tmp_path / "wd" / "envs"
     (envs / "abc").mkdir(parents=True)
-    (envs / "abc" / remote.ENV_MARKER).write_text(json.dumps({"hash": "abc", "requirements": ["six"]}))
+    (envs / "abc" / provision.ENV_MARKER).write_text(json.dumps({"hash": "abc", "requirements": ["six"]}))
     (envs / ".tmp-def-123").mkdir()  # an interrupted build
     (envs / ".tmp-def-123.txt").write_text("six\n")
-    source = Path(remote.__file__).read_bytes()
 
     def call(req):
-        data = b"%d\n" % len(source) + source + json.dumps(req).encode()
-        out = subprocess.run([sys.executable, "-c", remote.PROVISION_STUB], input=data, capture_output=True,
-                             check=True).stdout
+        data = PROVISION.start() + json.dumps(req).encode()
+        out = subprocess.run([sys.executable, "-c", STUB], input=data, capture_output=True, check=True).stdout
         return json.loads(out)
 
     listed = call({"op": "list", "workdir": str(tmp_path / "wd")})
@@ -177,7 +176,7 @@ def test_install_numpy_on_every_host_then_run_jobs_in_it(lab, workdir):
         assert v["cached"] is False and v["uv"] == "uploaded"  # the lab hosts have no uv of their own
         home_env = host_path(lab, i, inv.hosts[i].workdir) / "envs" / v["hash"]
         assert v["env"] == str(home_env) and v["python"] == f"{home_env}/bin/python"
-        assert (home_env / remote.ENV_MARKER).is_file() and private(home_env) and private(home_env.parent)
+        assert (home_env / provision.ENV_MARKER).is_file() and private(home_env) and private(home_env.parent)
         assert private(home_env.parent.parent / "bin" / "uv")
         assert not [p for p in home_env.parent.iterdir() if p.name.startswith(".tmp-")]
     assert len({r.value["hash"] for r in first}) == 1  # same Python, same set: same id everywhere
@@ -413,7 +412,7 @@ def test_a_build_waits_for_the_hosts_lock(lab, workdir, root):
                                        "[sys.implementation.name,'%d.%d.%d'%sys.version_info[:3],"
                                        "os.path.realpath(sys.executable)]))"],
                                       capture_output=True, text=True, check=True).stdout)
-    h = remote.env_hash(remote.python_id(*facts), ["six"], [])
+    h = provision.env_hash(provision.python_id(*facts), ["six"], [])
     pw = pwd.getpwnam(lab.hosts[0].user)
     envs = host_path(lab, 0, inv.hosts[0].workdir) / "envs"
     envs.mkdir(parents=True, mode=0o700)

@@ -207,11 +207,11 @@ def test_safe_loader_accepts_numpy_arrays_and_dtypes_and_refuses_the_rest():
 
 
 def test_safe_results_covers_the_whole_result_frame_not_only_values():
-    from sshjobs import remote
+    from sshjobs.remote import protocol
     from sshjobs.worker import decode_results
 
     evil = pickle.dumps(Sneaky("/tmp/sshjobs-never"))  # a hostile host's "meta" part
-    body = remote.META_LEN.pack(len(evil)) + evil
+    body = protocol.META_LEN.pack(len(evil)) + evil
     with pytest.raises(RefusedType, match="posix.mkdir"):
         decode_results(body, make_loads())
     assert not os.path.exists("/tmp/sshjobs-never")

@@ -1,0 +1,74 @@
+"""CPU of one worker start, over a pipe, on this machine's python3: ``python -m bench.start``.
+
+Each start is what the controller does on a host: ``python3 -c STUB``, the worker bundle
+and a CONFIG frame on stdin, HELLO back, stdin closed, the worker exits.  Measured: the
+child's user+sys CPU (wait4), ``--n`` times each with the code cache warm and cold (its
+``<workdir>/code`` removed first), against ``python3 -c pass``.  With ``--valgrind``: the
+instructions valgrind counts, a figure the other loads of a shared machine do not move.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+import shutil
+import statistics
+import subprocess
+import tempfile
+
+import cloudpickle
+
+from sshjobs.remote import STUB, WORKER, protocol
+from sshjobs.worker import _cloudpickle_sources
+
+
+def _child(argv: list[str], data: bytes, valgrind: bool) -> float:
+    """ms of CPU (or millions of instructions) of one run with ``data`` on its stdin."""
+    if valgrind:
+        argv = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *argv]
+    with tempfile.TemporaryFile() as f:  # all of stdin at once: the worker meets EOF after HELLO
+        f.write(data)
+        f.seek(0)
+        proc = subprocess.Popen(argv, stdin=f, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        err = proc.stderr.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise RuntimeError(f"{argv[-3:]} failed: {err[-2000:].decode(errors='replace')}")
+    if valgrind:
+        return int(re.search(rb"Collected : (\d+)", err).group(1)) / 1e6
+    return (usage.ru_utime + usage.ru_stime) * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=30)
+    parser.add_argument("--python", default="/usr/bin/python3")
+    parser.add_argument("--valgrind", action="store_true")
+    args = parser.parse_args()
+    workdir = tempfile.mkdtemp(prefix="sshjobs-bench-start-")
+    try:
+        config = {"cloudpickle": cloudpickle.__version__, "workdir": workdir}
+        start = WORKER.start(workdir) + protocol.pack(protocol.CONFIG, 0, pickle.dumps(config, protocol=4))
+        worker = [args.python, "-c", STUB]
+        # the first start gets cloudpickle's source and caches it: later ones find it
+        _child(worker, start + protocol.pack(protocol.MODULES, 0, pickle.dumps(_cloudpickle_sources())), False)
+        runs: dict[str, list[float]] = {"pass": [], "warm": [], "cold": []}
+        for _ in range(args.n):
+            runs["pass"].append(_child([args.python, "-c", "pass"], b"", args.valgrind))
+            runs["warm"].append(_child(worker, start, args.valgrind))
+            shutil.rmtree(os.path.join(workdir, "code"))
+            runs["cold"].append(_child(worker, start, args.valgrind))
+        unit = "M instructions" if args.valgrind else "ms CPU"
+        base = statistics.median(runs["pass"])
+        print(f"{args.python}, {args.n} starts each, median {unit} (worker bundle {len(start)} bytes)")
+        for name, values in runs.items():
+            extra = "" if name == "pass" else f"  ({statistics.median(values) - base:+.2f} over pass)"
+            print(f"  {name:5s} {statistics.median(values):7.2f}{extra}")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""The files sshjobs keeps on a host, all under its workdir: private folders, the
+compiled-code cache the STUB reads (see sshjobs.remote), removal.
+
+Stdlib only; runs on the hosts, in workers and in provisioning.
+"""
+
+import os
+import sys
+
+
+def save_code():
+    """Write the bundle's compiled code where the next STUB looks for it: the STUB left
+    (path, code) on the package module when it had to compile.  A private file, renamed
+    into place whole, in the 0700 workdir."""
+    cache = getattr(sys.modules.get(__package__), "CODE_CACHE", None)
+    if not cache or not isinstance(cache, tuple):
+        return
+    path, code = cache
+    try:
+        import marshal
+
+        folder = os.path.dirname(path)
+        if not os.path.isdir(folder):
+            os.mkdir(folder, 0o700)
+        tmp = "%s.tmp-%d" % (path, os.getpid())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                marshal.dump(code, f)
+            os.rename(tmp, path)
+        except BaseException:
+            remove(tmp)
+            raise
+    except Exception:
+        pass  # no cache (a read-only home, say): the next start compiles again
+
+
+def private_dir(path):
+    """Create the workdir (parents as needed) and keep it mode 0700: everything sshjobs
+    puts on a host lives below it, out of other users' reach."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        if os.stat(path).st_mode & 0o777 != 0o700:
+            os.chmod(path, 0o700)
+    except OSError:
+        pass  # a read-only home: nothing is written (cloudpickle is loaded from memory)
+
+
+def rmtree(path):
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def remove(path):
+    """Remove a file or a folder tree, if it is there."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        rmtree(path)
+    else:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
