@@ -29,17 +29,17 @@ from typing import Iterable, Sequence
 
 import asyncssh
 
-from .remote import PROVISION, STUB, provision
-from .connection import env_prefix, shell_word, split_env
+from .remote import PROVISION, provision
+from .connection import shell_word
 from .errors import (ConfigError, HostError, HostLost, InstallError, OfflineError, PythonMismatch, RequirementsError, UploadError,
                      WorkerStartError, make_error)
 from .hosts import HostState
 from .log import get_logger
+from .worker import stub_command
 from .result import Result, failed
 
 log = get_logger("sshjobs.provisioning")
 
-_STUB_WORD = shlex.quote(STUB)
 UV_METHODS = ("path", "workdir", "upload", "pip", "venv-pip")
 
 
@@ -88,8 +88,7 @@ async def remote_call(state: HostState, request: dict, python: str | None = None
     """Run one provisioning request on a host with its ``env``; the reply, or the HostError that says why not."""
     python = python or state.base_python
     env = dict(state.host.env) | dict(state.env)  # what the workers get too
-    early, late = split_env(env)  # secrets stay off the command line
-    cmd = f"exec {env_prefix(early)}{shell_word(python)} -c {_STUB_WORD}"
+    cmd, late = stub_command(python, env)
     data = PROVISION.start(request.get("workdir")) + json.dumps(dict(request, env=late)).encode()
     try:
         proc = await state.link.run(cmd, input=data)

@@ -72,6 +72,14 @@ def _cloudpickle_sources() -> dict[str, str]:
     return {f"cloudpickle/{p.name}": p.read_text("utf-8") for p in root.glob("*.py")}
 
 
+def stub_command(python: str, env: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """The command line that starts a remote bundle (``python -c STUB``), with the part of
+    ``env`` that starting the interpreter needs; and the rest of ``env``, which must travel
+    inside the stream (secrets stay off command lines, which ``ps`` shows)."""
+    early, late = split_env(env)
+    return f"exec {env_prefix(early)}{shell_word(python)} -c {_STUB_WORD}", late
+
+
 class _Session(asyncssh.SSHClientSession):
     def __init__(self, worker: "Worker"):
         self.worker = worker
@@ -137,8 +145,7 @@ class Worker:
 
     # -- lifecycle -------------------------------------------------------------
     def command(self) -> str:
-        early, _ = split_env(self.env)  # the rest travels in the CONFIG frame
-        return f"exec {env_prefix(early)}{shell_word(self.python)} -c {_STUB_WORD}"
+        return stub_command(self.python, self.env)[0]  # the rest of env travels in the CONFIG frame
 
     async def start(self, timeout: float = 60.0) -> "Worker":
         conn, self._release = await self.link.acquire()
