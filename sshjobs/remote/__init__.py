@@ -24,13 +24,13 @@ from pathlib import Path
 # LENGTH bytes: the modules' sources, in that order, each ended by a NUL byte (which Python
 # source cannot hold).  It reads fd 0 unbuffered so that no byte meant for the program
 # (frames, a request) is read ahead and lost.  It runs the tuple of code objects that an
-# earlier start cached under WORKDIR/code/KEY-... (compiling the worker costs ~3 ms of
-# CPU), and compiles the sources when that file is missing, unreadable, not its user's
-# own, writable by others or not such a tuple; the program writes it then
-# (files.save_code).  KEY and WORKDIR "-": no cache.  Every byte of the STUB is compiled
-# at every start (~0.2 ms of CPU), so it stays terse; marshal.loads(f.read()), not
-# marshal.load(f), which reads the file a few bytes per call.  Kept to what the oldest
-# host Python runs, so that one can still say which Python it is.
+# earlier start cached under WORKDIR/code/KEY-... (compiling the worker bundle costs
+# several ms of CPU), and compiles the sources when that file is missing, unreadable, not
+# its user's own, writable by others or not such a tuple; the program writes it then
+# (files.save_code).  KEY and WORKDIR "-": no cache.  The STUB itself is compiled at every
+# start (~0.25 ms of CPU), so it stays terse; marshal.loads(f.read()), not marshal.load(f),
+# which calls f.readinto for every few bytes (~1 ms of CPU).  Kept to what the oldest host
+# Python runs, so that one can still say which Python it is.
 STUB = """import os,sys,types,marshal
 r=os.fdopen(0,'rb',0)
 h=r.readline().decode().split();N=h[3:]
