@@ -9,7 +9,6 @@ nothing else of sshjobs, so every other module can use it.
     │   ├── InventoryError                 an inventory file, dict or host list
     │   ├── RequirementsError              a requirements list or file
     │   └── UsageError                     a CLI target, argument or job file
-    ├── ClusterClosed                      a call on a Cluster that was closed
     ├── LabError (also a RuntimeError)     the local lab or the Docker cluster
     ├── HostError                          the host could not run the job
     │   ├── ConnectError                   no SSH session: the host was never reached
@@ -93,12 +92,6 @@ class UsageError(ConfigError):
     """A command line's target, argument or job file cannot be used."""
 
     kind = "UsageError"
-
-
-class ClusterClosed(SshjobsError):
-    """A call on a Cluster that was closed."""
-
-    kind = "ClusterClosed"
 
 
 class LabError(SshjobsError, RuntimeError):

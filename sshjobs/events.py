@@ -40,9 +40,6 @@ UPLOADING_WHEELS = "uploading-wheels"
 INSTALLED = "installed"
 INSTALL_FAILED = "install-failed"
 
-NAMES = (CONNECTING, CONNECTED, FAILED, RUNNING, DONE, INSTALLING, UPLOADING_UV, UPLOADING_WHEELS,
-         INSTALLED, INSTALL_FAILED)
-
 Callback = Callable[[str, str, dict], Any]
 
 
