@@ -11,7 +11,7 @@ from os import PathLike
 from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
 from . import provisioning, safe
-from .errors import NoHosts, PicklingError
+from .errors import HostError, NoHosts, PicklingError
 from .events import Callback, Events
 from .hosts import HostState
 from .inventory import BaseInventory
@@ -33,12 +33,15 @@ class Cluster:
     ``async with inventory.connect() as cluster:`` then ``await cluster.gather(fn)``,
     ``await cluster.map(fn, items)``, ``await cluster.submit(fn, *args)``.
     ``on_event(host_name, event, info)`` hears progress (see ``sshjobs.events``).
+    ``requirements``: every call (``submit`` too) runs in their environment, installed
+    where missing; the workers start straight in it where it exists.
     """
 
     def __init__(self, inventory: BaseInventory, *, connect_concurrency: int = 64,
                  start_timeout: float = 60.0, on_output: Callable | None = None,
                  on_event: Callback | None = None, offline: bool | None = None,
-                 safe_results: bool | Iterable[str] | None = None):
+                 safe_results: bool | Iterable[str] | None = None,
+                 requirements: str | PathLike | Iterable[str] | None = None):
         self.inventory = inventory
         self.events = Events(on_event)
         # safe_results (API or inventory): results decoded by the restricted unpickler.
@@ -48,6 +51,10 @@ class Cluster:
                        for i, h in enumerate(inventory.hosts)]
         self.connect_concurrency = connect_concurrency
         self.offline = offline  # None: each host's inventory `offline`
+        # Requirement lines every call runs in, with each host's inventory `requirements`:
+        # the Cluster's own, what its Inventory installed before, and what it installs.
+        own = provisioning.requirement_lines(requirements) if requirements is not None else []
+        self.installed: list[str] = provisioning.merge_requirements(getattr(inventory, "installed", ()), own)
         self._started = False
         self._closed = False
         self._slots_task: asyncio.Task | None = None
@@ -74,14 +81,31 @@ class Cluster:
         await self.close()
 
     async def start(self) -> "Cluster":
-        """Connect to every host (bounded concurrency) and start one worker on each; returns
-        when every host is up or has failed (``async with`` does this)."""
+        """Connect to every host (bounded concurrency) and start one worker on each, in the
+        Cluster's environment where it has one (installed where missing; a host whose install
+        fails has failed); returns when every host is up or has failed (``async with``)."""
+        await self._connect()
+        specs = self._specs()
+        if any(specs):
+            downloads = provisioning.WheelDownloads()
+
+            async def one(state: HostState, spec) -> None:
+                bad = await self._in_env(state, spec, downloads)
+                if bad is not None and isinstance(bad.error, HostError):
+                    state.fail(bad.error)
+
+            try:
+                await asyncio.gather(*(one(s, spec) for s, spec in zip(self.states, specs)))
+            finally:
+                downloads.cleanup()
+        return self
+
+    async def _connect(self) -> None:
         self._begin()
         # Every caller waits for the same start: one arriving while it runs (a submit
         # made before the first await) must not see a cluster with no workers yet.
         if self._start_task is not None:
             await asyncio.shield(self._start_task)
-        return self
 
     def _begin(self) -> None:
         """Start connecting every host, without waiting.  ``gather`` and ``map`` on a Cluster
@@ -89,6 +113,7 @@ class Cluster:
         jobs as soon as that host is up rather than after the slowest host."""
         if self._start_task is None and not self._closed:
             self._started = True
+            provisioning.want(self.states, self._specs())  # the first workers try its environment
             sem = asyncio.Semaphore(self.connect_concurrency)
             for state in self.states:
                 state.opening = asyncio.ensure_future(state.open(sem, provisioning.match_python))
@@ -139,36 +164,61 @@ class Cluster:
     # -- environments -------------------------------------------------------------
     async def install(self, requirements: str | PathLike | Iterable[str], *, offline: bool | None = None,
                       uv: str | None = None) -> list[Result]:
-        """Make ``requirements`` importable on every host: a uv environment under the host's
-        workdir, cached by content; later jobs on that host run in it.  One Result per host
-        (inventory order) whose value is a dict: ``env``, ``python``, ``hash``, ``cached``,
-        ``uv`` (how uv was obtained: path, workdir, uploaded, pip, venv-pip; None if cached).
+        """Make ``requirements`` importable on every host, for every later call of this Cluster:
+        a uv environment under the host's workdir, cached by content, holding them with what
+        was installed before and the host's inventory ``requirements`` (a later line for the
+        same project replaces an earlier one).  One Result per host (inventory order) whose
+        value is a dict: ``env``, ``python``, ``hash``, ``cached``, ``uv`` (how uv was
+        obtained: path, workdir, uploaded, pip, venv-pip; None if cached).
 
         ``requirements``: a list of requirement strings or a requirements file's path.
         ``offline``: ship wheels from the controller (default: the Cluster's, else each
         host's inventory setting).  ``uv``: force one way of getting uv (see README).
         """
-        await self.start()
-        results = await provisioning.install(self.states, requirements,
+        lines = provisioning.requirement_lines(requirements)
+        specs = self._specs(lines)
+        self._begin()
+        results = await provisioning.install(self.states, specs, self.ready,
                                              offline=self.offline if offline is None else offline, uv=uv)
-        await asyncio.gather(*(s.use_env(r.value["python"]) for s, r in zip(self.states, results) if r.ok))
+        if any(r.ok for r in results):
+            self.installed = provisioning.merge_requirements(self.installed, lines)
         return results
 
-    async def _install_for_jobs(self, requirements) -> dict[int, Result]:
-        """Install before jobs; the failed hosts' install Results by host index."""
-        if requirements is None:
-            return {}
-        results = await self.install(requirements)
-        return {s.index: r for s, r in zip(self.states, results) if not r.ok}
+    def _specs(self, call: list[str] | None = None) -> list[provisioning.EnvSpec | None]:
+        """Each host's environment for a call: its inventory ``requirements``, what this
+        Cluster installed, and the call's own; None where there are none."""
+        memo: dict[tuple, provisioning.EnvSpec | None] = {}
+        specs = []
+        for state in self.states:
+            own = state.host.requirements
+            if own not in memo:
+                lines = provisioning.merge_requirements(own, self.installed, call)
+                memo[own] = provisioning.EnvSpec.parse(lines) if lines else None
+            specs.append(memo[own])
+        return specs
+
+    def _call_specs(self, requirements) -> list[provisioning.EnvSpec | None]:
+        specs = self._specs(provisioning.requirement_lines(requirements) if requirements is not None else None)
+        provisioning.want(self.states, specs)  # before the first workers start: they try it
+        return specs
+
+    async def _in_env(self, state: HostState, spec: provisioning.EnvSpec | None,
+                      downloads: provisioning.WheelDownloads) -> Result | None:
+        """Before a call's jobs on a host: None when its workers run in the call's environment
+        (installed first if missing), else the failed install's Result."""
+        if spec is None:
+            return None
+        offline = state.host.offline if self.offline is None else self.offline
+        return await provisioning.ensure_env(state, spec, self.ready, offline=offline, downloads=downloads)
 
     async def list_envs(self) -> list[Result]:
         """Environments on every host (see ``provisioning.list_envs``)."""
-        await self.start()
+        await self._connect()
         return await provisioning.list_envs(self.states)
 
     async def prune_envs(self, older_than: str | float = "7d") -> list[Result]:
         """Remove environments unused for ``older_than`` on every host (see ``provisioning.prune_envs``)."""
-        await self.start()
+        await self._connect()
         return await provisioning.prune_envs(self.states, older_than)
 
     # -- jobs ---------------------------------------------------------------------
@@ -186,7 +236,6 @@ class Cluster:
         a host whose install failed gets that failure instead of running ``fn``) and
         ``safe_results`` (see sshjobs.safe) are sshjobs' own; every other keyword goes to ``fn``.
         """
-        self._begin()  # each host's job goes as soon as that host is up
         try:
             fn_bytes = pickle_function(fn)
             body = dumps((args, kwargs))  # once: every host's frame shares these bytes
@@ -194,16 +243,22 @@ class Cluster:
             return [failed(PicklingError(exc.message), s.name, job=s.index) for s in self.states]
         except Exception as exc:
             return [pickling_failure(exc, s.name, s.index) for s in self.states]
-        failed_installs = await self._install_for_jobs(requirements)
+        specs = self._call_specs(requirements)
+        self._begin()  # each host's job goes as soon as that host is up
+        downloads = provisioning.WheelDownloads()
 
-        async def one(state: HostState) -> Result:
-            if state.index in failed_installs:
-                return failed(failed_installs[state.index].error, state.name, job=state.index)
+        async def one(state: HostState, spec) -> Result:
+            bad = await self._in_env(state, spec, downloads)
+            if bad is not None:
+                return failed(bad.error, state.name, job=state.index)
             await self.ready(state)
             return await call(state, 0, fn, fn_bytes, body, state.index, timeout=timeout,
                               loads=self._loads(state, safe_results))
 
-        return list(await asyncio.gather(*(one(s) for s in self.states)))
+        try:
+            return list(await asyncio.gather(*(one(s, spec) for s, spec in zip(self.states, specs))))
+        finally:
+            downloads.cleanup()
 
     async def map(self, fn: Callable, iterable: Iterable, /, *, chunksize: int | None = None,
                   timeout: float | None = None, retries: int = 0,
@@ -221,24 +276,35 @@ class Cluster:
             fn_bytes = pickle_function(fn)
         except PicklingError as exc:
             return [failed(PicklingError(exc.message), "-", job=i) for i in range(len(items))]
-        if requirements is not None or any(s.host.slots == "auto" for s in self.states):
-            await self.start()  # an install needs every host; "auto" slots are known at start
+        specs = dict(zip((s.index for s in self.states), self._call_specs(requirements)))
+        if any(s.host.slots == "auto" for s in self.states):
+            await self.start()  # "auto" slots are known at start
         else:
             self._begin()  # each host takes items as soon as it is up
-        failed_installs = await self._install_for_jobs(requirements)
-        run = MapRun([s for s in self.states if s.index not in failed_installs], self.ready, fn, fn_bytes, items,
-                     chunksize=chunksize, timeout=timeout, retries=retries,
+        downloads = provisioning.WheelDownloads()
+
+        async def ready(state: HostState) -> bool:
+            """Up, and running in the call's environment; a host whose install failed takes no items."""
+            bad = await self._in_env(state, specs[state.index], downloads)
+            if bad is not None:
+                if run.last_error is None:
+                    run.last_error = bad
+                return False
+            return await self.ready(state)
+
+        run = MapRun(self.states, ready, fn, fn_bytes, items, chunksize=chunksize, timeout=timeout, retries=retries,
                      loads=lambda state: self._loads(state, safe_results))
-        if failed_installs:
-            run.last_error = next(iter(failed_installs.values()))
-        return await run.run()
+        try:
+            return await run.run()
+        finally:
+            downloads.cleanup()
 
     async def ping(self, rounds: int = 3, timeout: float | None = None) -> list[Result]:
         """Time an empty job's round trip through every host's worker, ``rounds`` times.
 
         One Result per host in inventory order; ``value`` is the median round trip in seconds.
         """
-        await self.start()
+        await self._connect()
         return list(await asyncio.gather(*(ping_host(s, rounds, timeout) for s in self.states)))
 
     def submit(self, fn: Callable, /, *args: Any, timeout: float | None = None,
@@ -353,10 +419,12 @@ class Inventory(BaseInventory):
 
     def connect(self, *, connect_concurrency: int = 64, start_timeout: float = 60.0,
                 on_output: Callable | None = None, on_event: Callback | None = None,
-                offline: bool | None = None, safe_results: bool | Iterable[str] | None = None) -> Cluster:
+                offline: bool | None = None, safe_results: bool | Iterable[str] | None = None,
+                requirements: str | PathLike | Iterable[str] | None = None) -> Cluster:
         """``async with inv.connect() as cluster:`` connections and workers that live across calls."""
         return Cluster(self, connect_concurrency=connect_concurrency, start_timeout=start_timeout,
-                       on_output=on_output, on_event=on_event, offline=offline, safe_results=safe_results)
+                       on_output=on_output, on_event=on_event, offline=offline, safe_results=safe_results,
+                       requirements=requirements)
 
     def gather(self, fn: Callable, /, *args: Any, timeout: float | None = None,
                requirements: str | PathLike | Iterable[str] | None = None,
@@ -378,8 +446,19 @@ class Inventory(BaseInventory):
     def install(self, requirements: str | PathLike | Iterable[str], /, *, offline: bool | None = None,
                 uv: str | None = None, on_event: Callback | None = None) -> list[Result]:
         """Install requirements in a cached uv environment on every host (see ``Cluster.install``);
-        a list of Result in inventory order."""
-        return run_sync(self, lambda c: c.install(requirements, offline=offline, uv=uv), on_event=on_event)
+        a list of Result in inventory order.  This Inventory's later calls (and Clusters from
+        its ``connect``) run in that environment."""
+        done: list[list[str]] = []
+
+        async def work(cluster: Cluster) -> list[Result]:
+            results = await cluster.install(requirements, offline=offline, uv=uv)
+            done.append(cluster.installed)
+            return results
+
+        results = run_sync(self, work, on_event=on_event)
+        if done:
+            self.installed = done[0]
+        return results
 
     def list_envs(self) -> list[Result]:
         """The sshjobs environments on every host; a list of Result in inventory order."""

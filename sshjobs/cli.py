@@ -106,12 +106,56 @@ def _options(kw: dict) -> Options:
     return opts
 
 
-def load_inventory(opts: Options) -> Inventory:
+def inventory_path(opts: Options) -> str:
     path = opts.inventory or DEFAULT_INVENTORY
     if opts.inventory is None and not Path(path).exists():
         raise InventoryError(f"{path}: inventory file not found (give one with -i FILE or $SSHJOBS_INVENTORY)")
+    return path
+
+
+def load_inventory(opts: Options) -> Inventory:
+    """The inventory, with what ``sshjobs install`` recorded for it: commands run in that environment."""
+    path = inventory_path(opts)
     inv = Inventory.load(path)
+    inv.installed = recorded_installs(path)
     return inv.select(opts.limit) if opts.limit else inv
+
+
+# -- what `sshjobs install` recorded, per inventory file, on this controller -------------------
+def _records() -> Path:
+    return Path(os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")) / "sshjobs" / "installed.json"
+
+
+def _read_records() -> dict:
+    try:
+        data = json.loads(_records().read_text("utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def recorded_installs(inventory: str) -> list[str]:
+    """The requirement lines ``sshjobs install`` recorded for this inventory file."""
+    lines = _read_records().get(str(Path(inventory).resolve()), [])
+    return [line for line in lines if isinstance(line, str)] if isinstance(lines, list) else []
+
+
+def record_installs(inventory: str, lines: list[str]) -> None:
+    """Record (or with no lines, forget) what later commands on this inventory file run in:
+    a private file of this controller's user; nothing is left on the hosts for others."""
+    data = _read_records()
+    key = str(Path(inventory).resolve())
+    if lines:
+        data[key] = lines
+    else:
+        data.pop(key, None)
+    path = _records()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
 
 
 def read_requirements(packages: tuple[str, ...], files: tuple[str, ...]) -> list[str]:
@@ -329,24 +373,48 @@ def map_cmd(target, count, args_file, retries, packages, requirement_files, offl
               type=click.Path(exists=True, dir_okay=False), help="Install the packages listed in FILE.")
 @click.option("--offline", is_flag=True, default=None,
               help="Ship the wheels from the controller (hosts without internet).")
+@click.option("--forget", is_flag=True,
+              help="Forget what earlier installs recorded for this inventory (nothing is contacted).")
 @_inventory_options
 @_output_options
-def install(packages, requirement_files, offline, **kw):
-    """Install packages on every host, in an environment the jobs run in.
+def install(packages, requirement_files, offline, forget, **kw):
+    """Install packages on every host, in an environment the later commands run in.
 
     Name them (sshjobs install numpy 'pandas>=2') or list them in a file (-r requirements.txt).
+    The set is recorded for this inventory file on this machine, added to what was installed
+    before (a package named again replaces its earlier line): later run and map
+    commands with the same inventory run in it, installing it on a host that lacks it.
+    --forget drops the record. The inventory's own `requirements` key is the lasting way.
     """
     opts = _options(kw)
+    path = inventory_path(opts)
+    if forget:
+        if packages or requirement_files:
+            raise click.UsageError("--forget takes no packages")
+        had = recorded_installs(path)
+        record_installs(path, [])
+        if not opts.quiet:
+            print(f"forgot {' '.join(had)} for {path}" if had else f"nothing recorded for {path}", file=sys.stderr)
+        return EXIT_OK
     if not packages and not requirement_files:
         raise click.UsageError("name at least one package, or -r FILE")
     reqs = read_requirements(packages, requirement_files)
     inv = load_inventory(opts)
+    done: list[list[str]] = []
 
     async def work(cluster: Cluster) -> list[Result]:
-        return await cluster.install(reqs, offline=offline)
+        results = await cluster.install(reqs, offline=offline)
+        done.append(cluster.installed)
+        return results
 
-    return run_jobs(inv, opts, work, title=f"install {' '.join(reqs)}", per_host=True, what="hosts",
+    code = run_jobs(inv, opts, work, title=f"install {' '.join(reqs)}", per_host=True, what="hosts",
                     describe=describe_env)
+    if done and done[0] != inv.installed:
+        record_installs(path, done[0])
+        if not opts.quiet and not opts.as_json:
+            print(f"Later commands with {path} run in this environment ({' '.join(done[0])});"
+                  " `sshjobs install --forget` stops that.", file=sys.stderr)
+    return code
 
 
 @cli.command()

@@ -42,6 +42,12 @@ class HostState:
         self.python = host.python  # the interpreter workers run: an environment's after an install
         self.base_python = host.python  # the host's own (python = "match": the one uv found)
         self.env_python: str | None = None  # set by a successful install
+        # The environment wanted (its alias, see provisioning.EnvSpec.alias): workers started
+        # while none runs yet try it first.  env_key: the one the workers run in.
+        self.alias: str | None = None
+        self.env_key: str | None = None
+        self.env_prefix: str | None = None  # that environment's folder on the host
+        self.env_lock = asyncio.Lock()
         self.env: dict[str, str] = {}
         self.hello: dict = {}
         self.connect_time: float | None = None
@@ -122,8 +128,10 @@ class HostState:
     async def _start_worker(self, slot: int) -> Worker | None:
         while self.usable:
             t0 = time.perf_counter()
+            alias = self.alias if self.env_key is None else None
+            first = f"{self.host.workdir.rstrip('/')}/envs/@{alias}/bin/python" if alias else None
             worker = Worker(self.link, python=self.python, env=self.env, slots=self.host.slots,
-                            on_output=self.on_output)
+                            on_output=self.on_output, first=first)
             try:
                 await worker.start(self.start_timeout)
             except WorkerError as exc:
@@ -136,6 +144,14 @@ class HostState:
                 self.fail(exc)
                 return None
             self.start_failures = 0
+            if alias and self.env_key is None and worker.hello.get("executable", "").endswith(f"/envs/@{alias}/bin/python"):
+                # started straight in the wanted environment: later workers start there too
+                self.env_key = alias
+                self.python = self.env_python = worker.hello["executable"]
+                self.env_prefix = worker.hello.get("prefix")
+            elif self.env_key is not None and worker.python != self.python:
+                worker.kill()  # started before a switch to another environment
+                continue
             worker.slot = slot
             self.start_time = time.perf_counter() - t0
             self.workers[slot] = worker
@@ -158,10 +174,13 @@ class HostState:
             return []
         return [w for w in self.workers if w is not None and w.alive]
 
-    async def use_env(self, python: str) -> None:
-        """Run later jobs with an environment's interpreter; workers of the old one are
-        replaced (a job running on them ends)."""
+    async def use_env(self, python: str, key: str | None = None) -> None:
+        """Run later jobs with an environment's interpreter (``key``: its alias); workers of
+        another one are replaced (a job running on them ends)."""
+        if key is not None and key == self.env_key:
+            return  # the workers run in it already (started by its alias)
         self.env_python = python
+        self.env_key = key
         if self.python == python:
             return
         self.python = python

@@ -34,6 +34,7 @@ class Host:
     env: tuple[tuple[str, str], ...] = ()
     offline: bool = False
     safe_results: bool = False
+    requirements: tuple[str, ...] = ()  # requirement lines: every call runs in their environment
 
     def __post_init__(self) -> None:
         if not self.address:
@@ -64,8 +65,10 @@ _KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "env": ((dict,), "a table of environment variables"),
     "offline": ((bool,), "true or false"),
     "safe_results": ((bool,), "true or false"),
+    "requirements": ((list, str), "a list of requirements or a requirements file's path"),
 }
 _HOST_ONLY = {"address", "groups"}
+_ADDING = ("env", "requirements")  # a host's (or group's) adds to the defaults' instead of replacing
 _PATH_KEYS = ("identity", "known_hosts")
 
 
@@ -81,6 +84,9 @@ class BaseInventory:
     def __init__(self, hosts: Iterable[Host], source: str | None = None):
         self.hosts: list[Host] = list(hosts)
         self.source = source
+        # requirement lines installed through this object (``Inventory.install``): its later
+        # calls run in that environment, with each host's own ``requirements``
+        self.installed: list[str] = []
 
     # -- construction ----------------------------------------------------------
     @classmethod
@@ -102,13 +108,19 @@ class BaseInventory:
     @classmethod
     def from_dict(cls, data: dict, source: str = "<inventory>", base: Path | None = None) -> "BaseInventory":
         base = base or Path.cwd()
-        unknown = set(data) - {"defaults", "hosts"}
+        unknown = set(data) - {"defaults", "groups", "hosts"}
         for key in sorted(unknown):
-            raise InventoryError(f"{source}: unknown top-level key '{key}'{_did_you_mean(key, ['defaults', 'hosts'])}")
+            raise InventoryError(f"{source}: unknown top-level key '{key}'"
+                                 f"{_did_you_mean(key, ['defaults', 'groups', 'hosts'])}")
         defaults = data.get("defaults", {})
         if not isinstance(defaults, dict):
             raise InventoryError(f"{source}: [defaults] must be a table")
         common = _check_table(defaults, source, "[defaults]", base, host_only_ok=False)
+        groups_table = data.get("groups", {})
+        if not isinstance(groups_table, dict) or not all(isinstance(t, dict) for t in groups_table.values()):
+            raise InventoryError(f"{source}: 'groups' must be a table of [groups.NAME] tables")
+        group_values = {g: _check_table(t, source, f"[groups.{g}]", base, host_only_ok=False)
+                        for g, t in groups_table.items()}
         hosts_table = data.get("hosts")
         if not hosts_table:
             raise InventoryError(f"{source}: no hosts: add a [hosts.NAME] table for each host")
@@ -118,12 +130,20 @@ class BaseInventory:
         for name, table in hosts_table.items():
             if not isinstance(table, dict):
                 raise InventoryError(f"{source}: host '{name}': expected a table [hosts.{name}], got {_type_name(table)}")
-            values = dict(common)
             own = _check_table(table, source, f"host '{name}'", base, host_only_ok=True)
-            if "env" in own and "env" in common:  # a host's env adds to the defaults' env
-                own["env"] = tuple({**dict(common["env"]), **dict(own["env"])}.items())
-            values.update(own)
+            member = own.get("groups", common.get("groups", ()))
+            layers = [common, *(group_values[g] for g in member if g in group_values), own]
+            values: dict[str, Any] = {}
+            for layer in layers:  # defaults, then the host's groups in its order, then the host
+                for key, value in layer.items():
+                    if key in _ADDING and key in values:
+                        value = (tuple({**dict(values[key]), **dict(value)}.items()) if key == "env"
+                                 else values[key] + value)
+                    values[key] = value
             hosts.append(_make_host(name, values))
+        unused = sorted(set(group_values) - {g for h in hosts for g in h.groups})
+        if unused:
+            raise InventoryError(f"{source}: [groups.{unused[0]}]: no host is in group '{unused[0]}'")
         return cls.from_hosts(hosts, source=source)
 
     @classmethod
@@ -183,7 +203,9 @@ class BaseInventory:
                     f"{_did_you_mean(term, names)}"
                 )
             chosen |= hit
-        return type(self)([h for h in self.hosts if h.name in chosen], source=self.source)
+        picked = type(self)([h for h in self.hosts if h.name in chosen], source=self.source)
+        picked.installed = list(self.installed)
+        return picked
 
     def __iter__(self) -> Iterator[Host]:
         return iter(self.hosts)
@@ -264,6 +286,8 @@ def _check_table(table: dict, source: str, where: str, base: Path, host_only_ok:
             if bad:
                 raise InventoryError(f"{prefix}: value of '{bad[0]}' must be a string")
             value = tuple((str(k), str(v)) for k, v in value.items())
+        if key == "requirements":
+            value = _requirement_lines(value, prefix, base)
         if key in _PATH_KEYS:
             path = Path(os.path.expanduser(value))
             if not path.is_absolute():
@@ -275,6 +299,21 @@ def _check_table(table: dict, source: str, where: str, base: Path, host_only_ok:
             raise InventoryError(f"{prefix} must not be empty")
         out[key] = value
     return out
+
+
+def _requirement_lines(value: list | str, prefix: str, base: Path) -> tuple[str, ...]:
+    """A list's strings, or the lines of a requirements file (relative to the inventory's folder)."""
+    if isinstance(value, list):
+        if not all(isinstance(r, str) and r.strip() for r in value):
+            raise InventoryError(f"{prefix} must be a list of requirement strings, got {value!r}")
+        return tuple(r.strip() for r in value)
+    path = Path(os.path.expanduser(value))
+    path = path if path.is_absolute() else base / path
+    try:
+        lines = path.read_text("utf-8").splitlines()
+    except OSError as exc:
+        raise InventoryError(f"{prefix}: cannot read the requirements file {path}: {exc.strerror or exc}") from None
+    return tuple(line for line in (re.sub(r"(^|\s)#.*$", "", raw).strip() for raw in lines) if line)
 
 
 def _make_host(name: str, values: dict) -> Host:

@@ -25,11 +25,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Awaitable, Callable, Iterable, Sequence
 
 import asyncssh
 
-from .remote import PROVISION, provision
+from .remote import PROVISION, protocol, provision
 from .connection import shell_word
 from .errors import (ConfigError, HostError, HostLost, InstallError, OfflineError, PythonMismatch, RequirementsError, UploadError,
                      WorkerStartError, make_error)
@@ -83,6 +83,58 @@ def parse_requirements(requirements: str | os.PathLike | Iterable[str]) -> tuple
     return sorted(set(reqs)), opts
 
 
+def requirement_lines(requirements: str | os.PathLike | Iterable[str]) -> list[str]:
+    """A list, a string or a requirements file as checked lines: options, then requirements."""
+    reqs, opts = parse_requirements(requirements)
+    return opts + reqs
+
+
+def requirement_name(line: str) -> str:
+    """The project a requirement line is about (normalized, PEP 503), so a later line for the
+    same project replaces an earlier one; an option line or a URL is its own key."""
+    m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(\[|[<>=!~;@ ]|$)", line)
+    if line.lstrip().startswith("-") or not m:
+        return line.strip()
+    return re.sub(r"[-_.]+", "-", m.group(1)).lower()
+
+
+def merge_requirements(*sets: Iterable[str] | None) -> list[str]:
+    """Requirement lines of several sets, in order; a line for a project named before
+    replaces that one (``["numpy<2"]`` then ``["numpy>=2", "six"]``: numpy>=2 and six)."""
+    merged: dict[str, str] = {}
+    for lines in sets:
+        for line in lines or ():
+            key = requirement_name(line)
+            merged.pop(key, None)
+            merged[key] = line.strip()
+    return list(merged.values())
+
+
+class EnvSpec:
+    """A requirement set one host's jobs run in: ``reqs`` and option lines, parsed once."""
+
+    __slots__ = ("reqs", "opts")
+
+    def __init__(self, reqs: list[str], opts: list[str]):
+        self.reqs, self.opts = reqs, opts
+
+    @classmethod
+    def parse(cls, requirements) -> "EnvSpec":
+        return cls(*parse_requirements(requirements))
+
+    def alias(self, python: str, env: dict[str, str]) -> str:
+        """The name the host gives this environment (``<workdir>/envs/@ALIAS``) once it exists,
+        from what the controller knows before contact: the interpreter command, the controller's
+        Python (a worker must match it), the set and the inventory's index variables.  A
+        worker's start command runs ``@ALIAS/bin/python`` when it is there, so a call whose
+        environment exists starts straight in it."""
+        import hashlib
+
+        index = sorted((k, v) for k, v in env.items() if k in protocol.INDEX_ENV)
+        blob = json.dumps([python, list(sys.version_info[:2]), self.reqs, self.opts, index])
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 # -- one step on one host ------------------------------------------------------------------
 async def remote_call(state: HostState, request: dict, python: str | None = None) -> dict:
     """Run one provisioning request on a host with its ``env``; the reply, or the HostError that says why not."""
@@ -119,14 +171,16 @@ def expected_hash(state: HostState, reqs: list[str], opts: list[str]) -> str | N
     return provision.env_hash(pid, reqs, list(opts) + list(hello["index_env"]))
 
 
-async def quick_check(state: HostState, reqs: list[str], opts: list[str]) -> dict | None:
-    """The no-op path: is the environment there?  One shell command, no Python start."""
+async def quick_check(state: HostState, reqs: list[str], opts: list[str], alias: str | None = None) -> dict | None:
+    """The no-op path: is the environment there?  One shell command, no Python start; it
+    names the environment by ``alias`` too, for the next workers' start."""
     h = expected_hash(state, reqs, opts)
     if h is None:
         return None
     env = f"{state.host.workdir.rstrip('/')}/envs/{h}"
     marker = shlex.quote(provision.ENV_MARKER)
-    cmd = f"cd {shell_word(env)} 2>/dev/null && test -f {marker} && touch {marker} && pwd"
+    link = f" && ln -sfn {h} ../@{alias}" if alias else ""
+    cmd = f"cd {shell_word(env)} 2>/dev/null && test -f {marker} && touch {marker}{link} && pwd"
     try:
         proc = await state.link.run(cmd)
     except (asyncssh.Error, OSError) as exc:
@@ -236,26 +290,26 @@ def _pip_command() -> list[str]:
 
 
 class WheelDownloads:
-    """Wheels downloaded on the controller, once per (platform, requirements) per install call."""
+    """Wheels downloaded on the controller, once per (platform, requirement set) per call."""
 
-    def __init__(self, reqs: list[str], opts: list[str]):
-        self.text = "".join(f"{line}\n" for line in opts + reqs)
+    def __init__(self):
         self.tasks: dict[tuple, asyncio.Task] = {}
         self.dirs: list[tempfile.TemporaryDirectory] = []
 
-    def get(self, facts: dict) -> "asyncio.Task[list[Path]]":
+    def get(self, facts: dict, spec: EnvSpec) -> "asyncio.Task[list[Path]]":
         args = platform_args(facts)
-        key = tuple(args)
+        text = "".join(f"{line}\n" for line in spec.opts + spec.reqs)
+        key = (text, *args)
         if key not in self.tasks:
-            self.tasks[key] = asyncio.ensure_future(self._download(args))
+            self.tasks[key] = asyncio.ensure_future(self._download(args, text))
         return self.tasks[key]
 
-    async def _download(self, args: list[str]) -> list[Path]:
+    async def _download(self, args: list[str], text: str) -> list[Path]:
         tmp = tempfile.TemporaryDirectory(prefix="sshjobs-wheels-")
         self.dirs.append(tmp)
         dest = Path(tmp.name) / "wheels"
         reqfile = Path(tmp.name) / "requirements.txt"
-        reqfile.write_text(self.text)
+        reqfile.write_text(text)
         cmd = [*_pip_command(), "download", "--disable-pip-version-check", "--quiet", "--only-binary=:all:",
                "--dest", str(dest), *args, "-r", str(reqfile)]
         log.info("downloading wheels for offline hosts", command=" ".join(map(shlex.quote, cmd)))
@@ -274,21 +328,24 @@ class WheelDownloads:
 
 
 # -- install on one host ---------------------------------------------------------------------
-async def install_host(state: HostState, reqs: list[str], opts: list[str], *,
-                       offline: bool, uv: str | None, downloads: WheelDownloads) -> Result:
-    """Make the environment exist on one host; a Result whose value describes it."""
+async def install_host(state: HostState, spec: EnvSpec, *, offline: bool, uv: str | None,
+                       downloads: WheelDownloads) -> Result:
+    """Make the environment exist on one host and run its workers in it; a Result whose
+    value describes it."""
     t0 = time.perf_counter()
     name = state.name
     if not state.usable:
         return state.failure(state.index)
+    reqs, opts = spec.reqs, spec.opts
+    alias = spec.alias(state.host.python, dict(state.host.env))
     state.events.installing(name, reqs, offline)
     request = {"op": "check", "workdir": state.host.workdir, "requirements": reqs, "options": opts,
-               "offline": offline}
+               "offline": offline, "alias": alias}
     try:
-        reply = await quick_check(state, reqs, opts) or await remote_call(state, request)
+        reply = await quick_check(state, reqs, opts, alias) or await remote_call(state, request)
         how = "cached"
         if not reply["cached"]:
-            how, reply = await _build(state, request, reply, offline, uv, downloads)
+            how, reply = await _build(state, spec, request, reply, offline, uv, downloads)
     except HostError as exc:
         log.warning("install failed", host=name, error=exc.kind, detail=exc.message[-500:])
         state.events.install_failed(name, exc.kind, exc.message)
@@ -296,11 +353,14 @@ async def install_host(state: HostState, reqs: list[str], opts: list[str], *,
     value = {"env": reply["env"], "python": reply["python"], "hash": reply["hash"], "cached": reply["cached"],
              "uv": None if reply["cached"] else how, "version": reply["version"], "requirements": reqs}
     log.info("environment ready", host=name, hash=value["hash"], cached=value["cached"], uv=value["uv"])
+    state.alias = alias
+    await state.use_env(value["python"], alias)
+    state.env_prefix = value["env"]
     state.events.installed(name, value)
     return Result(name, True, value, duration=time.perf_counter() - t0, job=state.index)
 
 
-async def _build(state: HostState, request, reply, offline, uv, downloads) -> tuple[str, dict]:
+async def _build(state: HostState, spec: EnvSpec, request, reply, offline, uv, downloads) -> tuple[str, dict]:
     facts, workdir = reply["facts"], reply["workdir"]
     methods = list(UV_METHODS) if uv in (None, "auto") else [uv]
     for m in methods:
@@ -318,7 +378,7 @@ async def _build(state: HostState, request, reply, offline, uv, downloads) -> tu
             log.info("cannot upload uv: another OS, architecture or libc", host=state.name,
                      host_platform=f"{facts.get('platform')} {facts.get('machine')} {facts.get('libc')}")
     if offline:
-        wheels = await downloads.get(facts)
+        wheels = await downloads.get(facts, spec)
         have = reply.get("wheels", {})
         todo = [(p, f"{workdir}/wheels/{p.name}") for p in wheels if have.get(p.name) != p.stat().st_size]
         state.events.uploading_wheels(state.name, len(todo), len(wheels) - len(todo))
@@ -337,16 +397,66 @@ async def _build(state: HostState, request, reply, offline, uv, downloads) -> tu
     return ("uploaded" if uploaded and how == "workdir" else how), built
 
 
-async def install(states: list[HostState], requirements, *, offline: bool | None = None,
-                  uv: str | None = None) -> list[Result]:
-    """Install ``requirements`` on every host (started); one Result per host."""
-    reqs, opts = parse_requirements(requirements)
-    downloads = WheelDownloads(reqs, opts)
+def want(states: Sequence[HostState], specs: Sequence[EnvSpec | None]) -> None:
+    """Name each host's wanted environment before its workers start, so that the first one
+    starts straight in it when it exists (one shell test, no second interpreter)."""
+    for state, spec in zip(states, specs):
+        if spec is not None and state.env_key is None:
+            state.alias = spec.alias(state.host.python, dict(state.host.env))
+
+
+def _present(state: HostState, spec: EnvSpec) -> Result:
+    """The Result of an install whose environment the workers already run in: no round trip
+    (the first worker reported where it runs)."""
+    prefix = state.env_prefix or os.path.dirname(os.path.dirname(state.python))
+    value = {"env": prefix, "python": f"{prefix}/bin/python", "hash": os.path.basename(prefix), "cached": True,
+             "uv": None, "version": ".".join(map(str, state.hello.get("python") or ())), "requirements": spec.reqs}
+    state.events.installing(state.name, spec.reqs, False)
+    state.events.installed(state.name, value)
+    return Result(state.name, True, value, job=state.index)
+
+
+async def provide(state: HostState, spec: EnvSpec, ready: Callable[[HostState], Awaitable[bool]], *,
+                  offline: bool, uv: str | None, downloads: WheelDownloads) -> Result:
+    """One host's workers run in ``spec``'s environment, installed first when it is missing:
+    the install's Result.  ``ready(state)`` connects the host and starts its first worker,
+    which tries the environment's alias."""
+    want([state], [spec])
+    if not await ready(state):
+        return state.failure(state.index)
+    alias = spec.alias(state.host.python, dict(state.host.env))
+    async with state.env_lock:
+        if state.env_key == alias:
+            return _present(state, spec)
+        return await install_host(state, spec, offline=offline, uv=uv, downloads=downloads)
+
+
+async def ensure_env(state: HostState, spec: EnvSpec, ready: Callable[[HostState], Awaitable[bool]], *,
+                     offline: bool, downloads: WheelDownloads) -> Result | None:
+    """Before a call's jobs on one host (``provide``): None when its workers run in the
+    environment (no round trip when they already did), else the failed install's Result."""
+    alias = spec.alias(state.host.python, dict(state.host.env))
+    if state.env_key == alias:
+        return None
+    want([state], [spec])
+    if not await ready(state):
+        return state.failure(state.index)
+    async with state.env_lock:
+        if state.env_key == alias:
+            return None  # the first worker started in it
+        result = await install_host(state, spec, offline=offline, uv=None, downloads=downloads)
+    return None if result.ok else result
+
+
+async def install(states: Sequence[HostState], specs: Sequence[EnvSpec], ready: Callable[[HostState], Awaitable[bool]],
+                  *, offline: bool | None = None, uv: str | None = None) -> list[Result]:
+    """``provide`` on every host, ``specs[i]`` on ``states[i]``; one Result per host."""
+    want(states, specs)
+    downloads = WheelDownloads()
     try:
         results = await asyncio.gather(*(
-            install_host(s, reqs, opts, offline=s.host.offline if offline is None else offline,
-                         uv=uv, downloads=downloads)
-            for s in states))
+            provide(s, spec, ready, offline=s.host.offline if offline is None else offline, uv=uv, downloads=downloads)
+            for s, spec in zip(states, specs)))
     finally:
         downloads.cleanup()
     return list(results)

@@ -434,17 +434,19 @@ class MapRun:
         return self.results  # type: ignore[return-value]
 
     async def host_pump(self, state: HostState) -> None:
-        if not state.up:
-            # Wait for the host, unless the others finish every item first.
-            up = asyncio.ensure_future(self.ready(state))
-            finished = asyncio.ensure_future(self.finished.wait())
-            try:
-                await asyncio.wait((up, finished), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                finished.cancel()
-                up.cancel()  # the host's start goes on (shielded); this map does not wait
-            if not up.done() or up.cancelled() or up.exception() is not None:
-                return
+        # Wait for the host (its start, its environment), unless the others finish every item first.
+        up = asyncio.ensure_future(self.ready(state))
+        finished = asyncio.ensure_future(self.finished.wait())
+        try:
+            await asyncio.wait((up, finished), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            finished.cancel()
+            up.cancel()  # the host's start goes on (shielded); this map does not wait
+        if not up.done() or up.cancelled() or up.exception() is not None:
+            return
+        if not up.result():
+            self.note_lost(state)
+            return
         if not state.usable:
             self.note_lost(state)
             return

@@ -72,11 +72,16 @@ def _cloudpickle_sources() -> dict[str, str]:
     return {f"cloudpickle/{p.name}": p.read_text("utf-8") for p in root.glob("*.py")}
 
 
-def stub_command(python: str, env: dict[str, str]) -> tuple[str, dict[str, str]]:
+def stub_command(python: str, env: dict[str, str], first: str | None = None) -> tuple[str, dict[str, str]]:
     """The command line that starts a remote bundle (``python -c STUB``), with the part of
     ``env`` that starting the interpreter needs; and the rest of ``env``, which must travel
-    inside the stream (secrets stay off command lines, which ``ps`` shows)."""
+    inside the stream (secrets stay off command lines, which ``ps`` shows).  ``first``: an
+    interpreter to run instead when it exists there (an environment's, by its alias): the
+    shell decides, with a builtin, so a call whose environment exists costs no extra start."""
     early, late = split_env(env)
+    if first:
+        return (f'e={shell_word(first)}; [ -x "$e" ] || e={shell_word(python)};'
+                f' exec {env_prefix(early)}"$e" -c {_STUB_WORD}'), late
     return f"exec {env_prefix(early)}{shell_word(python)} -c {_STUB_WORD}", late
 
 
@@ -111,8 +116,9 @@ class Worker:
     """One ``python3 -c STUB`` process on a host, serving jobs until closed."""
 
     def __init__(self, link: HostLink, python: str | None = None, env: dict | None = None,
-                 slots: int | str = 1, on_output=None, max_output: int = MAX_OUTPUT):
+                 slots: int | str = 1, on_output=None, max_output: int = MAX_OUTPUT, first: str | None = None):
         self.link = link
+        self.first = first  # an interpreter tried before ``python`` (see stub_command)
         self.host = link.host
         self.python = python or self.host.python
         self.env = dict(self.host.env) | dict(env or {})
@@ -145,7 +151,7 @@ class Worker:
 
     # -- lifecycle -------------------------------------------------------------
     def command(self) -> str:
-        return stub_command(self.python, self.env)[0]  # the rest of env travels in the CONFIG frame
+        return stub_command(self.python, self.env, self.first)[0]  # the rest of env travels in the CONFIG frame
 
     async def start(self, timeout: float = 60.0) -> "Worker":
         conn, self._release = await self.link.acquire()

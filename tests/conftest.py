@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -46,6 +50,32 @@ def wait_no_processes(users, timeout=5.0) -> dict[str, list[str]]:
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.1)
+
+
+def host_path(lab, index: int, workdir: str) -> Path:
+    """A host's workdir as seen from the controller (the lab's hosts share this machine)."""
+    if workdir.startswith("~/"):
+        return Path(os.path.expanduser(f"~{lab.hosts[index].user}")) / workdir[2:]
+    return Path(workdir)
+
+
+@pytest.fixture
+def fresh_inv(lab):
+    """``fresh_inv(names)``: the lab's hosts (a selection) with a workdir of their own, which
+    is removed afterwards: hosts that have seen no sshjobs environment.
+    ``fresh_inv.workdir(i)``: host i's, as the controller sees it."""
+    tag = uuid.uuid4().hex[:8]
+    hosts = Inventory.load(lab.inventory_path).hosts
+    workdirs = [f"~/.cache/sshjobs-t{tag}" if lab.root else f"{h.workdir}-t{tag}" for h in hosts]
+
+    def make(selection: str | None = None) -> Inventory:
+        inv = Inventory([replace(h, workdir=wd) for h, wd in zip(hosts, workdirs)])
+        return inv.select(selection) if selection else inv
+
+    make.workdir = lambda i: host_path(lab, i, workdirs[i])
+    yield make
+    for i in range(len(hosts)):
+        shutil.rmtree(make.workdir(i), ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -8,12 +8,14 @@ import os
 import pty
 import re
 import select
+import shutil
 import signal
 import struct
 import subprocess
 import sys
 import termios
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -69,6 +71,12 @@ def jobs(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("jobs") / "jobs.py"
     path.write_text(JOBS)
     return path
+
+
+@pytest.fixture(autouse=True)
+def own_state(tmp_path, monkeypatch):
+    """Each test's own record of `sshjobs install` (so one test's install is not another's)."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
 
 
 @pytest.fixture
@@ -440,6 +448,40 @@ def test_install_then_run_a_job_importing_it(invfile, jobs, tmp_path):
     p = sshjobs("run", "-i", invfile, "--limit", "node01,node02", "-r", reqs, f"{jobfile}:version", "--json")
     assert p.returncode == 0, p.stdout + p.stderr
     assert all(r["ok"] and r["value"] for r in json_lines(p.stdout))
+
+
+def test_install_then_run_and_map_use_the_environment_until_forgotten(lab, tmp_path):
+    invfile = lab.write_inventory(tmp_path / "hosts.toml")
+    workdir = f".cache/sshjobs-{uuid.uuid4().hex[:8]}"  # hosts that have no environment yet
+    invfile.write_text(invfile.read_text().replace('workdir = "~/.cache/sshjobs"', f'workdir = "~/{workdir}"'))
+    try:
+        _install_then_run(invfile, tmp_path)
+    finally:
+        for i in range(len(lab.hosts)):
+            shutil.rmtree(lab.home(i) / workdir, ignore_errors=True)
+
+
+def _install_then_run(invfile, tmp_path):
+    jobfile = tmp_path / "hum.py"
+    jobfile.write_text("def f(x=0):\n    import humanize\n    return humanize.intcomma(1000 + x)\n")
+    limit = ("--limit", "node07,node08")
+    before = sshjobs("run", "-i", invfile, *limit, f"{jobfile}:f", "--json")
+    assert before.returncode == 1 and "ModuleNotFoundError" in before.stdout
+    p = sshjobs("install", "-i", invfile, *limit, "humanize")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert f"Later commands with {invfile} run in this environment (humanize)" in p.stderr
+    ran = sshjobs("run", "-i", invfile, *limit, f"{jobfile}:f", "--json")
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert [r["value"] for r in json_lines(ran.stdout)] == ["1,000", "1,000"]
+    mapped = sshjobs("map", "-i", invfile, *limit, f"{jobfile}:f", "--range", "3", "--json")
+    assert [r["value"] for r in json_lines(mapped.stdout)] == ["1,000", "1,001", "1,002"]
+    # a host the install did not reach gets the environment on its first command
+    other = sshjobs("run", "-i", invfile, "--limit", "node09", f"{jobfile}:f", "--json")
+    assert other.returncode == 0 and json_lines(other.stdout)[0]["value"] == "1,000", other.stdout + other.stderr
+    forgot = sshjobs("install", "-i", invfile, "--forget")
+    assert forgot.returncode == 0 and "forgot humanize" in forgot.stderr
+    after = sshjobs("run", "-i", invfile, *limit, f"{jobfile}:f", "--json")
+    assert after.returncode == 1 and "ModuleNotFoundError" in after.stdout
 
 
 def test_env_list_and_prune(lab, tmp_path):

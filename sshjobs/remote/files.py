@@ -7,6 +7,18 @@ Stdlib only; runs on the hosts, in workers and in provisioning.
 import os
 import sys
 
+ENV_MARKER = "sshjobs-env.json"  # in an environment's folder: present only once it is complete
+
+
+def touch_env():
+    """Mark this interpreter's environment used now (prune keeps environments in use), when
+    it runs in one of sshjobs' (a worker started by an environment's alias)."""
+    if sys.prefix != getattr(sys, "base_prefix", sys.prefix):
+        try:
+            os.utime(os.path.join(sys.prefix, ENV_MARKER))
+        except OSError:
+            pass
+
 
 def save_code():
     """Write the bundle's compiled code where the next STUB looks for it: the STUB left

@@ -13,10 +13,9 @@ import os
 import sys
 import time
 
-from .files import remove, rmtree, save_code
+from .files import ENV_MARKER, remove, rmtree, save_code
 from .protocol import error_info, index_env
 
-ENV_MARKER = "sshjobs-env.json"  # present only in a complete environment
 ENV_REQUIREMENTS = "sshjobs-requirements.txt"
 ERROR_TAIL = 2000  # characters of uv's (or pip's) message kept
 
@@ -67,6 +66,20 @@ def _complete(target):
         return True
     except OSError:
         return False
+
+
+def link_alias(envs, alias, name):
+    """``envs/@ALIAS`` -> NAME, replaced whole: the controller's name for an environment,
+    which workers' start commands try (see sshjobs.provisioning.EnvSpec.alias)."""
+    if not alias or not all(c in "0123456789abcdef" for c in alias):
+        return
+    link = os.path.join(envs, "@" + alias)
+    tmp = "%s.tmp-%d" % (link, os.getpid())
+    try:
+        os.symlink(name, tmp)
+        os.rename(tmp, link)
+    except OSError:
+        remove(tmp)
 
 
 def _trim(text):
@@ -180,7 +193,9 @@ def _build(tmp, req, workdir, facts, reqfile, target):
             if "--relocatable" not in exc.message:  # an old uv: an ordinary venv
                 raise
             _run([uv, "venv", "--quiet", "--python", facts["executable"], tmp], "uv venv")
-        cmd = [uv, "pip", "install", "--quiet", "--python", os.path.join(tmp, "bin", "python"), "-r", reqfile]
+        # --compile-bytecode: at install, as pip does, not at the first jobs' imports on every host
+        cmd = [uv, "pip", "install", "--quiet", "--compile-bytecode", "--python", os.path.join(tmp, "bin", "python"),
+               "-r", reqfile]
         if find_links:
             cmd += ["--offline", "--no-index", "--find-links", find_links]
         _run(cmd, "uv pip install")
@@ -203,7 +218,7 @@ def _list_envs(envs):
         return out
     for name in names:
         path = os.path.join(envs, name)
-        if name.startswith(".") or not os.path.isdir(path):
+        if name.startswith((".", "@")) or not os.path.isdir(path):
             continue
         info = {"hash": name, "env": path, "complete": False}
         marker = os.path.join(path, ENV_MARKER)
@@ -232,7 +247,7 @@ def _prune(envs, older_than):
         if name.startswith(".del-"):  # an interrupted prune
             remove(path)
             continue
-        if name.endswith(".lock") or not (os.path.isdir(path) or name.startswith(".tmp-")):
+        if name.endswith(".lock") or name.startswith("@") or not (os.path.isdir(path) or name.startswith(".tmp-")):
             continue  # lock files stay: removing one under a waiting builder would break the lock
         h = name[len(".tmp-"):].split("-")[0] if name.startswith(".tmp-") else name
         if not name.startswith("."):
@@ -253,6 +268,10 @@ def _prune(envs, older_than):
             os.rename(path, gone)
             remove(gone)
             removed.append(name)
+    for name in names:
+        path = os.path.join(envs, name)
+        if name.startswith("@") and os.path.islink(path) and not os.path.exists(path):
+            remove(path)
     return {"removed": removed, "kept": kept}
 
 
@@ -284,6 +303,7 @@ def provision_request(req):
     reply = {"ok": True, "hash": h, "env": target, "python": os.path.join(target, "bin", "python"),
              "workdir": workdir, "version": facts["version"], "cached": True}
     if _complete(target):
+        link_alias(envs, req.get("alias"), h)
         return reply
     reply["cached"] = False
     if op == "check":
@@ -303,6 +323,7 @@ def provision_request(req):
     with open(os.path.join(envs, "." + h + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another controller building the same env: wait for it
         if _complete(target):
+            link_alias(envs, req.get("alias"), h)
             reply["cached"] = True
             return reply
         for stale in glob.glob(os.path.join(envs, ".tmp-%s-*" % h)):
@@ -320,6 +341,7 @@ def provision_request(req):
                 json.dump({"hash": h, "requirements": req["requirements"], "options": req.get("options", []),
                            "python": facts["id"], "created": time.time(), "uv": how}, f)
             os.rename(tmp, target)  # complete: from now on others use it
+            link_alias(envs, req.get("alias"), h)
         except BaseException:
             rmtree(tmp)
             raise

@@ -17,7 +17,7 @@ import sys
 import time
 import types
 
-from .files import private_dir, rmtree, save_code
+from .files import private_dir, rmtree, save_code, touch_env
 from .protocol import (ALL_OK, BYTEARRAY, BYTES, CALL, CONFIG, FATAL, FID, FUNC, HEADER, HELLO, MAP, META_LEN,
                        MODULES, OUTPUT, OUTPUT_HEAD, RESULT, SHUTDOWN, STDERR, STDOUT, Parts, Reader, _json,
                        error_info, index_env, read_frame)
@@ -256,10 +256,12 @@ class Worker:
             # for the id of environments (see provision.env_hash), so the controller can check for one
             "implementation": sys.implementation.name,
             "realpath": os.path.realpath(sys.executable),
+            "prefix": os.path.realpath(sys.prefix),  # an environment's folder, when run in one
             "index_env": index_env(),
         }
         self.send(HELLO, 0, _json(hello).encode())
         save_code()  # after HELLO: the controller need not wait for it
+        touch_env()
         if have != want:
             frame = read_frame(self.inp)
             if frame is None or frame[0] != MODULES:
