@@ -125,6 +125,19 @@ def test_platform_args_and_ages():
         parse_age("soon")
 
 
+def test_uv_trusts_the_system_store_unless_the_env_says_otherwise():
+    """uv 0.11 renamed UV_NATIVE_TLS to UV_SYSTEM_CERTS and later warns about the old name."""
+    assert provision.uv_tls_env("uv 0.13.9 (x86_64-unknown-linux-gnu)", {}) == {"UV_SYSTEM_CERTS": "1"}
+    assert provision.uv_tls_env("uv 0.11.0", {}) == {"UV_SYSTEM_CERTS": "1"}
+    assert provision.uv_tls_env("uv 0.4.30", {}) == {"UV_NATIVE_TLS": "1"}
+    assert provision.uv_tls_env("uv something", {}) == {"UV_SYSTEM_CERTS": "1", "UV_NATIVE_TLS": "1"}
+    for name in provision.UV_TLS_SETTINGS:  # the user's choice, either way
+        assert provision.uv_tls_env("uv 0.13.9", {name: "0"}) == {}
+    assert provision.cert_error("  cause: invalid peer certificate: UnknownIssuer")
+    assert provision.cert_error("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get local")
+    assert not provision.cert_error("Because certificate-tools was not found in the package registry")
+
+
 def test_provision_request_locally_over_a_pipe(tmp_path):
     """The host half on its own: list and prune an environment folder."""
     envs = tmp_path / "wd" / "envs"
