@@ -145,7 +145,7 @@ def top_eigenvalues(seed):
 
 def test_numpy_installed_at_run_time_gives_the_in_process_values(binv, backend):
     """Online on the lab; on containers that cannot reach the index, wheels shipped from here."""
-    inv = binv  # lab hosts get the controller's CA bundle (TLS-inspecting proxy) from the lab
+    inv = binv  # nothing of the controller's TLS settings on either: uv uses the hosts' system store
 
     async def go():
         async with inv.connect() as cluster:
