@@ -59,8 +59,7 @@ def main() -> None:
     tag = uuid.uuid4().hex[:8]
     lab = Lab(args.hosts, tempfile.mkdtemp(prefix="sshjobs-bench-"), subnet=args.subnet,
               prefix=f"sshjobs-t{args.subnet}-" if args.subnet != 1 else "sshjobs-lab").up()
-    env = tuple((k, os.environ[k]) for k in ("SSL_CERT_FILE",) if os.environ.get(k))
-    inv = Inventory([replace(h, workdir=f"~/.cache/sshjobs-bench-{tag}", env=h.env + env)
+    inv = Inventory([replace(h, workdir=f"~/.cache/sshjobs-bench-{tag}")
                      for h in Inventory.load(lab.inventory_path).hosts])
     try:
         results = asyncio.run(run(inv, args.requirements))

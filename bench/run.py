@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import os
 import platform
@@ -203,9 +202,6 @@ async def install_figure(inv, python: str, runs: Runs, n: int) -> None:
     from .baseline import Baseline
 
     reqs = ["numpy"]
-    # the hosts reach the package index like the controller, with its CA bundle
-    env = tuple((k, os.environ[k]) for k in ("SSL_CERT_FILE",) if os.environ.get(k))
-    inv = type(inv)([dataclasses.replace(h, env=h.env + env) for h in inv.hosts], source=inv.source)
     base = await Baseline(inv.hosts, python).connect()
     try:
         async with inv.connect() as cluster:

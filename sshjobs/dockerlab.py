@@ -27,6 +27,8 @@ import asyncssh
 
 from .errors import LabError
 from .inventory import to_toml
+from .provisioning import local_uv
+from .remote.provision import uv_tls_env
 
 DOCKER_DIR = Path(__file__).resolve().parent.parent / "docker"
 BASE_IMAGE = "sshjobs/base:bookworm"
@@ -150,8 +152,8 @@ class DockerLab:
         return self
 
     def ready(self, timeout: float = 60.0) -> "DockerLab":
-        """Wait for every node's SSH banner, collect host keys, probe the package index, write
-        the inventory (``offline = true`` when the nodes cannot use the index)."""
+        """Wait for every node's SSH banner, collect host keys, probe the package index (see
+        index_problem), write the inventory (``offline = true`` when the nodes cannot use it)."""
         self._ids = {}
         self.wait_banner(timeout=timeout)
         self.collect_host_keys()
@@ -207,16 +209,40 @@ class DockerLab:
         path.write_text(to_toml(defaults, hosts, comment))
         return path
 
-    def index_problem(self, url: str = "https://pypi.org/simple/pip/", timeout: float = 8.0) -> str | None:
-        """None when node01 reaches the package index (TLS verified), else what went wrong."""
-        probe = ("import sys, urllib.request\n"
-                 "try:\n"
-                 f"    urllib.request.urlopen({url!r}, timeout={timeout!r}).read(1)\n"
-                 "except Exception as exc:\n"
-                 "    sys.exit(f'{type(exc).__name__}: {exc}')\n")
-        proc = _run(["docker", "exec", "-u", USER, self.container(self.hosts[0].name), "python3", "-c", probe],
-                    check=False, timeout=timeout + 20)
-        return None if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["failed"])[-1][:300]
+    def index_problem(self, timeout: float = 10.0) -> str | None:
+        """None when uv on node01 resolves a package from the index uv would use there, else
+        what went wrong.
+
+        The controller's uv binary is copied into the container (as installs upload it) and
+        resolves ``pip`` with the node's own configuration and environment, trusting the
+        system store as installs do: the probe asks the index the installs would ask, and
+        no index address is written here.
+        """
+        uv = local_uv()
+        if uv is None:
+            return "no uv on the controller to probe the index with"
+        node, probe = self.container(self.hosts[0].name), "/tmp/sshjobs-uv-probe"
+        copied = _run(["docker", "cp", uv, f"{node}:{probe}"], check=False, timeout=60)
+        if copied.returncode != 0:
+            return f"cannot copy uv into {self.hosts[0].name}: {copied.stderr.strip()[-200:]}"
+        env = {"UV_HTTP_TIMEOUT": str(int(timeout)), "UV_HTTP_RETRIES": "0", "UV_NO_CACHE": "1"}  # the index, once, soon
+        # the system store unless the node's env decides, as remote/provision.py does
+        tls = " ".join(f"{k}={v}" for k, v in uv_tls_env(_run([uv, "--version"]).stdout, {}).items())
+        version = "%d.%d" % sys.version_info[:2]  # the nodes' Python must be the controller's
+        script = (f'[ -n "${{UV_SYSTEM_CERTS+x}}${{UV_NATIVE_TLS+x}}" ] || export {tls}; cd && '
+                  f"echo pip | {probe} pip compile - --quiet --no-header --python-version {version}")
+        try:
+            proc = _run(["docker", "exec", "-u", USER, *(a for k, v in env.items() for a in ("-e", f"{k}={v}")),
+                         node, "sh", "-c", script], check=False, timeout=timeout + 30)
+        except subprocess.TimeoutExpired:
+            return f"uv on {self.hosts[0].name} got no answer from the package index within {timeout + 30:g}s"
+        finally:
+            _run(["docker", "exec", node, "rm", "-f", probe], check=False)  # as root: docker cp made it root's
+        if proc.returncode == 0:
+            return None
+        lines = [line.strip() for line in (proc.stderr or proc.stdout).splitlines() if line.strip()]
+        causes = [line for line in lines if line.startswith(("cause:", "error:"))] or lines or ["failed"]
+        return causes[-1].removeprefix("cause: ")[:300]
 
     # -- faults -----------------------------------------------------------------
     def kill(self, name: str) -> None:

@@ -23,15 +23,10 @@ from .errors import LabError
 from .inventory import to_toml
 
 SSHD = "/usr/sbin/sshd"
+# A host setting, not the controller's: every lab host shares this machine's cores, and a
+# BLAS thread per core in every worker thrashes them. Nothing else of the controller's
+# environment reaches the hosts, so they meet the network as an ordinary machine would.
 BLAS_ENV = "OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1"
-# The lab's hosts are this machine: they trust the certificates it trusts. Where HTTPS goes
-# through a TLS-inspecting proxy, uv (which ships its own roots) needs the system bundle.
-TLS_ENV = ("SSL_CERT_FILE", "SSL_CERT_DIR")
-
-
-def _host_env() -> str:
-    extra = [f"{k}={os.environ[k]}" for k in TLS_ENV if os.environ.get(k) and os.path.exists(os.environ[k])]
-    return " ".join([BLAS_ENV, *(f'"{e}"' if " " in e else e for e in extra)])
 
 
 @dataclass
@@ -187,7 +182,7 @@ class Lab:
             "PubkeyAuthentication": "yes",
             "StrictModes": "no",
             "Subsystem": "sftp internal-sftp",
-            "SetEnv": _host_env(),
+            "SetEnv": BLAS_ENV,
             "LogLevel": "ERROR",
         }
         opts.update(self.sshd_options)

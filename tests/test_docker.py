@@ -145,7 +145,7 @@ def top_eigenvalues(seed):
 
 def test_numpy_installed_at_run_time_gives_the_in_process_values(binv, backend):
     """Online on the lab; on containers that cannot reach the index, wheels shipped from here."""
-    inv = binv  # lab hosts get the controller's CA bundle (TLS-inspecting proxy) from the lab
+    inv = binv  # nothing of the controller's TLS settings on either: uv uses the hosts' system store
 
     async def go():
         async with inv.connect() as cluster:
@@ -303,3 +303,40 @@ def test_the_demo_on_the_containers_prints_the_seed_shape_and_its_install_mode(d
         assert m and int(m.group(1)) == job_id, line
         assert json.loads(m.group(3)) == eigen(job_id)["top_eigenvalues"]
     assert re.fullmatch(r"All 10 jobs completed in \d+\.\d\ds", lines[25])
+
+
+# -- The base image's Debian mirror: this machine's apt sources, nothing written in -------
+
+def print_mirror(etc: Path, **env) -> subprocess.CompletedProcess:
+    import os
+
+    script = Path(__file__).resolve().parent.parent / "docker" / "build-base.sh"
+    clean = {k: v for k, v in os.environ.items() if k != "DEBIAN_MIRROR"}
+    return subprocess.run([str(script), "--print-mirror"], capture_output=True, text=True,
+                          env={**clean, "APT_ETC": str(etc), **env})
+
+
+def test_the_base_image_mirror_comes_from_apts_sources(tmp_path):
+    d = tmp_path / "sources.list.d"
+    d.mkdir()
+    # deb822: comments, a disabled stanza and the security suite come before the archive
+    (d / "debian.sources").write_text(
+        "Types: deb\n# http://snapshot.example.org/archive/debian/20250520T000000Z\n"
+        "URIs: http://security.example.org/debian-security\nSuites: bookworm-security\nComponents: main\n\n"
+        "Types: deb\nURIs: http://old.example.org/debian\nSuites: bookworm\nEnabled: no\n\n"
+        "types: deb-src deb\nuris: https://mirror.example.org/debian http://second.example.org/debian\n"
+        "suites: bookworm bookworm-updates\ncomponents: main\n")
+    assert print_mirror(tmp_path).stdout == "https://mirror.example.org/debian\n"
+    # the one-line form, options and all, is read first
+    (tmp_path / "sources.list").write_text(
+        "# deb http://commented.example.org/debian bookworm main\n"
+        "deb-src http://src.example.org/debian bookworm main\n"
+        "deb [arch=amd64 signed-by=/usr/share/keyrings/k.gpg] http://list.example.org/debian bookworm-updates main\n"
+        "deb [ arch=amd64 ] http://list.example.org/debian bookworm main\n")
+    assert print_mirror(tmp_path).stdout == "http://list.example.org/debian\n"
+    assert print_mirror(tmp_path, DEBIAN_MIRROR="http://override.example.org/debian").stdout == \
+        "http://override.example.org/debian\n"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    none = print_mirror(empty)
+    assert none.returncode == 1 and none.stdout == ""

@@ -27,17 +27,9 @@ from sshjobs.inventory import Host
 from sshjobs.errors import RequirementsError
 from sshjobs.provisioning import parse_age, parse_requirements, platform_args
 
+from .conftest import host_path
+
 CLOSED_INDEX = "http://127.0.0.1:9/simple"  # the discard port: nothing listens, so connects are refused
-# The controller reaches the package index through a TLS-inspecting proxy here; the hosts'
-# uv needs the same CA bundle (an `env` entry, as a real fleet behind such a proxy would).
-CERT_ENV = {k: os.environ[k] for k in ("SSL_CERT_FILE",) if os.environ.get(k)}
-
-
-def host_path(lab, index: int, workdir: str) -> Path:
-    """A host's workdir as seen from the controller (the lab's hosts share this machine)."""
-    if workdir.startswith("~/"):
-        return Path(os.path.expanduser(f"~{lab.hosts[index].user}")) / workdir[2:]
-    return Path(workdir)
 
 
 @pytest.fixture
@@ -56,10 +48,11 @@ def workdir(lab):
 
 
 def lab_inventory(lab, workdir, env=None, per_host=None, **host_changes) -> Inventory:
-    """The lab's hosts with a fresh workdir, the CA bundle, and extra env per host."""
+    """The lab's hosts, as users have them (no certificate settings), with a fresh workdir
+    and extra env per host."""
     hosts = []
     for i, h in enumerate(Inventory.load(lab.inventory_path).hosts):
-        e = {**dict(h.env), **CERT_ENV, **(env or {})}
+        e = {**dict(h.env), **(env or {})}
         changes = dict(host_changes)
         for k, v in ((per_host or {}).get(i) or {}).items():
             if k == "env":
@@ -123,6 +116,19 @@ def test_platform_args_and_ages():
     assert parse_age("7d") == 7 * 86400 and parse_age("90") == 90 and parse_age(30) == 30
     with pytest.raises(ValueError):
         parse_age("soon")
+
+
+def test_uv_trusts_the_system_store_unless_the_env_says_otherwise():
+    """uv 0.11 renamed UV_NATIVE_TLS to UV_SYSTEM_CERTS and later warns about the old name."""
+    assert provision.uv_tls_env("uv 0.13.9 (x86_64-unknown-linux-gnu)", {}) == {"UV_SYSTEM_CERTS": "1"}
+    assert provision.uv_tls_env("uv 0.11.0", {}) == {"UV_SYSTEM_CERTS": "1"}
+    assert provision.uv_tls_env("uv 0.4.30", {}) == {"UV_NATIVE_TLS": "1"}
+    assert provision.uv_tls_env("uv something", {}) == {"UV_SYSTEM_CERTS": "1", "UV_NATIVE_TLS": "1"}
+    for name in provision.UV_TLS_SETTINGS:  # the user's choice, either way
+        assert provision.uv_tls_env("uv 0.13.9", {name: "0"}) == {}
+    assert provision.cert_error("  cause: invalid peer certificate: UnknownIssuer")
+    assert provision.cert_error("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get local")
+    assert not provision.cert_error("Because certificate-tools was not found in the package registry")
 
 
 def test_provision_request_locally_over_a_pipe(tmp_path):
@@ -245,6 +251,152 @@ def test_nonexistent_package_fails_each_host_with_uvs_message_and_runs_nothing(l
     assert name in mapped[0].error.message
     envs = host_path(lab, 0, inv.hosts[0].workdir) / "envs"
     assert [p.name for p in envs.iterdir() if not p.name.endswith(".lock")] == []  # nothing half-built left
+
+
+def host_env(names):
+    import os
+
+    return {k: os.environ[k] for k in names if k in os.environ}
+
+
+TLS_NAMES = ("SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "PIP_CERT", "UV_SYSTEM_CERTS", "UV_NATIVE_TLS")
+
+
+@pytest.mark.slow
+def test_install_on_hosts_without_certificate_settings_and_with_a_bundle_in_env(lab, workdir):
+    """The hosts as users have them: nothing of the controller's TLS settings. Behind this
+    network's TLS-inspecting proxy uv gets through only with the system store (or the bundle
+    the inventory names). UV_NO_CACHE: the index itself must answer, not the lab user's cache."""
+    bundle = "/etc/ssl/certs/ca-certificates.crt"
+    inv = lab_inventory(lab, workdir, env={"UV_NO_CACHE": "1"},
+                        per_host={1: {"env": {"SSL_CERT_FILE": bundle}}}).select("node01,node02")
+    seen = inv.gather(host_env, TLS_NAMES)
+    assert [r.value for r in seen] == [{}, {"SSL_CERT_FILE": bundle}]
+    results = inv.install(["six"])
+    assert all(r.ok for r in results), [r.error for r in results if not r.ok]
+    assert inv.gather(lambda: __import__("six").__name__, requirements=["six"])[0].value == "six"
+
+
+def _tiny_wheel(folder: Path) -> Path:
+    """A one-module wheel (sshjobs-tls-probe 1.0) for a local index."""
+    import base64
+    import hashlib
+    import zipfile
+
+    files = {"sshjobs_tls_probe/__init__.py": b"VALUE = 42\n",
+             "sshjobs_tls_probe-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: sshjobs-tls-probe\nVersion: 1.0\n",
+             "sshjobs_tls_probe-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: sshjobs-tests\n"
+                                                      b"Root-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = "".join("%s,sha256=%s,%d\n" % (name, base64.urlsafe_b64encode(hashlib.sha256(data).digest())
+                                             .rstrip(b"=").decode(), len(data)) for name, data in files.items())
+    path = folder / "sshjobs_tls_probe-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+        z.writestr("sshjobs_tls_probe-1.0.dist-info/RECORD", record + "sshjobs_tls_probe-1.0.dist-info/RECORD,,\n")
+    return path
+
+
+def _ca_and_server_cert(folder: Path) -> tuple[Path, Path, Path]:
+    """A private CA and a certificate for 127.0.0.1 it signed: what a TLS-inspecting proxy shows."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def cert(subject, issuer, key, signer, ca):
+        b = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(key.public_key())
+             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+             .not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if ca:
+            b = b.add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        else:
+            b = b.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                                critical=False)
+        return b.sign(signer, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sshjobs test proxy CA")])
+    ca = cert(ca_name, ca_name, ca_key, ca_key, True)
+    leaf = cert(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]), ca_name, key, ca_key, False)
+    paths = folder / "ca.pem", folder / "server.pem", folder / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return paths
+
+
+@pytest.fixture
+def private_ca_index():
+    """(index URL, CA bundle path): a package index on 127.0.0.1 over HTTPS whose certificate
+    only a private CA vouches for, as behind a TLS-inspecting proxy. The folder is readable
+    by the lab users (the bundle is a path on the hosts)."""
+    import http.server
+    import ssl
+    import threading
+
+    folder = Path(tempfile.mkdtemp(prefix="sshjobs-tls-", dir="/tmp"))
+    folder.chmod(0o755)
+    wheel = _tiny_wheel(folder)
+    ca, certfile, keyfile = _ca_and_server_cert(folder)
+    ca.chmod(0o644)
+
+    class Index(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):  # uv asks before it fetches a wheel (range requests for its metadata)
+            self.do_GET(head=True)
+
+        def do_GET(self, head=False):
+            if self.path.rstrip("/") == "/simple/sshjobs-tls-probe":
+                body = f'<a href="/files/{wheel.name}">{wheel.name}</a>'.encode()
+                kind = "text/html"
+            elif self.path == f"/files/{wheel.name}":
+                body, kind = wheel.read_bytes(), "application/octet-stream"
+            else:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if not head:
+                self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Index)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certfile, keyfile)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"https://127.0.0.1:{server.server_address[1]}/simple", str(ca)
+    server.shutdown()
+    server.server_close()
+    shutil.rmtree(folder)
+
+
+@pytest.mark.slow
+def test_a_ca_bundle_in_the_inventory_env_is_trusted_and_its_absence_explained(lab, workdir, private_ca_index):
+    url, ca = private_ca_index
+    inv = lab_inventory(lab, workdir, env={"UV_INDEX_URL": url, "UV_NO_CACHE": "1"},
+                        per_host={1: {"env": {"SSL_CERT_FILE": ca}}}).select("node01,node02")
+    refused, trusted = inv.install(["sshjobs-tls-probe"])
+    assert not refused.ok and refused.error.type == "InstallError"
+    msg = refused.error.message
+    assert "UnknownIssuer" in msg, msg  # neither the system store nor uv's own roots know the CA
+    assert "nor with uv's own roots" in msg and 'env = { SSL_CERT_FILE = "' in msg, msg
+    assert trusted.ok, trusted.error
+    ran = inv.select("node02").gather(lambda: __import__("sshjobs_tls_probe").VALUE,
+                                      requirements=["sshjobs-tls-probe"])
+    assert ran[0].value == 42
 
 
 _CONCURRENT = r"""

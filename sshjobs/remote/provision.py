@@ -18,6 +18,15 @@ from .protocol import error_info, index_env
 
 ENV_REQUIREMENTS = "sshjobs-requirements.txt"
 ERROR_TAIL = 2000  # characters of uv's (or pip's) message kept
+# uv verifies TLS with roots of its own, not the host's: behind a TLS-inspecting proxy whose CA
+# is only in the host's store, every download fails ("invalid peer certificate: UnknownIssuer").
+# So uv is told to use the system store, unless the host's env already says either way. uv
+# 0.11 renamed the setting UV_SYSTEM_CERTS and later warns about UV_NATIVE_TLS, which older
+# uv needs.
+UV_TLS_SETTINGS = ("UV_SYSTEM_CERTS", "UV_NATIVE_TLS")
+CERT_HINT = ("\nThe package index's TLS certificate could not be verified%s. If this host reaches it through a "
+             "TLS-inspecting proxy, give it the proxy's CA bundle in the inventory's env, e.g. "
+             "env = { SSL_CERT_FILE = \"/path/to/ca-bundle.crt\" } (pip also reads PIP_CERT).")
 
 
 class ProvisionFailure(Exception):
@@ -87,28 +96,79 @@ def _trim(text):
     return text if len(text) <= ERROR_TAIL else "..." + text[-ERROR_TAIL:]
 
 
-def _run(cmd, what):
+def cert_error(text):
+    """The output of uv or pip says a TLS certificate could not be verified."""
+    text = text.lower()
+    return "invalid peer certificate" in text or "certificate verify failed" in text
+
+
+def _run(cmd, what, env=None, tried=""):
+    """Run cmd (with env added to this process's environment); its output, or a
+    ProvisionFailure with its tail (and what to set when a certificate was refused)."""
     import subprocess
 
     try:
-        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env=dict(os.environ, **env) if env else None)
     except OSError as exc:
         raise ProvisionFailure("InstallError", "%s: cannot run %s: %s" % (what, cmd[0], exc))
     out = proc.stdout.decode("utf-8", "replace")
     if proc.returncode != 0:
-        raise ProvisionFailure("InstallError", "%s failed (exit status %d):\n%s" % (what, proc.returncode, _trim(out)))
+        hint = CERT_HINT % tried if cert_error(out) else ""
+        raise ProvisionFailure("InstallError", "%s failed (exit status %d):\n%s%s"
+                               % (what, proc.returncode, _trim(out), hint))
     return out
+
+
+_UV_VERSIONS = {}  # path -> `uv --version` output, asked once per process
 
 
 def _uv_works(path):
     import subprocess
 
+    if path not in _UV_VERSIONS:
+        try:
+            proc = subprocess.run([path, "--version"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT)
+        except OSError:
+            return None
+        if proc.returncode != 0:
+            return None
+        _UV_VERSIONS[path] = proc.stdout.decode("utf-8", "replace").strip()
+    return _UV_VERSIONS[path]
+
+
+def uv_tls_env(version, environ=None):
+    """The variables that make a uv of this ``uv --version`` output trust the host's system
+    certificate store; {} when the environment already sets one of UV_TLS_SETTINGS."""
+    environ = os.environ if environ is None else environ
+    if any(k in environ for k in UV_TLS_SETTINGS):
+        return {}
     try:
-        proc = subprocess.run([path, "--version"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT)
-    except OSError:
-        return None
-    return proc.stdout.decode("utf-8", "replace").strip() if proc.returncode == 0 else None
+        release = tuple(int(part) for part in version.split()[1].split(".")[:2])
+    except (AttributeError, IndexError, ValueError):
+        return {"UV_SYSTEM_CERTS": "1", "UV_NATIVE_TLS": "1"}  # unknown: each uv reads the one it knows
+    return {"UV_SYSTEM_CERTS": "1"} if release >= (0, 11) else {"UV_NATIVE_TLS": "1"}
+
+
+def _uv_install(cmd, tls):
+    """``uv pip install`` trusting the system store (tls: its variables, {} when the env
+    decides). A certificate refused that way is tried once more with uv's own roots: a host
+    with no usable store of its own can still reach a public index."""
+    tried = (" with this host's certificate store (%s) nor with uv's own roots"
+             % " ".join("%s=%s" % kv for kv in sorted(tls.items()))) if tls else ""
+    try:
+        return _run(cmd, "uv pip install", tls, tried)
+    except ProvisionFailure as exc:
+        if not tls or not cert_error(exc.message):
+            raise
+        first = exc  # the one to report when uv's own roots fail too
+    try:
+        return _run(cmd, "uv pip install (with uv's own root certificates)")
+    except ProvisionFailure as exc:
+        if not cert_error(exc.message):
+            raise
+    raise first
 
 
 def find_uv(workdir, methods=("path", "workdir")):
@@ -187,19 +247,22 @@ def _build(tmp, req, workdir, facts, reqfile, target):
     find_links = os.path.join(workdir, "wheels") if req.get("offline") else None
     how, uv = _get_uv(workdir, req.get("uv_methods", ["path", "workdir", "pip", "venv-pip"]), find_links)
     if uv:
+        tls = uv_tls_env(_uv_works(uv))
         try:
-            _run([uv, "venv", "--quiet", "--relocatable", "--python", facts["executable"], tmp], "uv venv")
+            _run([uv, "venv", "--quiet", "--relocatable", "--python", facts["executable"], tmp], "uv venv", tls)
         except ProvisionFailure as exc:
             if "--relocatable" not in exc.message:  # an old uv: an ordinary venv
                 raise
-            _run([uv, "venv", "--quiet", "--python", facts["executable"], tmp], "uv venv")
+            _run([uv, "venv", "--quiet", "--python", facts["executable"], tmp], "uv venv", tls)
         # --compile-bytecode: at install, as pip does, not at the first jobs' imports on every host
         cmd = [uv, "pip", "install", "--quiet", "--compile-bytecode", "--python", os.path.join(tmp, "bin", "python"),
                "-r", reqfile]
         if find_links:
             cmd += ["--offline", "--no-index", "--find-links", find_links]
-        _run(cmd, "uv pip install")
-    else:
+            _run(cmd, "uv pip install", tls)
+        else:
+            _uv_install(cmd, tls)
+    else:  # pip reads its own configuration (pip.conf's cert, PIP_CERT)
         _run([facts["executable"], "-m", "venv", tmp], "python -m venv")
         cmd = [os.path.join(tmp, "bin", "python"), "-m", "pip", "install", "--disable-pip-version-check",
                "--quiet", "-r", reqfile]
@@ -295,7 +358,8 @@ def provision_request(req):
         if not uv:
             os.makedirs(os.path.join(workdir, "bin"), exist_ok=True)  # for an upload
             return {"ok": True, "uv": None, "facts": python_facts(True), "workdir": workdir}
-        out = _run([uv, "python", "find", "--system", req["version"]], "uv python find " + req["version"]).strip()
+        out = _run([uv, "python", "find", "--system", req["version"]], "uv python find " + req["version"],
+                   uv_tls_env(_uv_works(uv))).strip()
         return {"ok": True, "uv": how, "python": out.splitlines()[-1].strip(), "workdir": workdir}
     facts = python_facts(full=op == "check")
     h = env_hash(facts["id"], req["requirements"], list(req.get("options", ())) + index_env())
