@@ -42,7 +42,7 @@ def ssh_loop(inventory: Path) -> str:
     d = doc.get("defaults", {})
     base = inventory.parent
     cmds = []
-    for h in doc["hosts"]:
+    for h in doc["hosts"].values():
         ident = base / h.get("identity", d["identity"])
         known = base / h.get("known_hosts", d["known_hosts"])
         cmds.append(" ".join(map(shlex.quote, [

@@ -35,7 +35,9 @@ def cold(python: str, root: Path, tool: str, inventory: Path, hosts: int) -> flo
 
 def with_workdir(inventory: Path, workdir: str) -> Path:
     path = inventory.with_name(f"contact-{inventory.name}")
-    path.write_text(inventory.read_text().replace("[defaults]\n", f'[defaults]\nworkdir = "{workdir}"\n', 1))
+    text = inventory.read_text()
+    assert 'workdir = "~/.cache/sshjobs"\n' in text  # the lab names each host's workdir
+    path.write_text(text.replace('workdir = "~/.cache/sshjobs"\n', f'workdir = "{workdir}"\n'))
     return path
 
 
