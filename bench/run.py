@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hosts", type=int, default=100, help="lab hosts for the scale figure (the others use 10)")
     ap.add_argument("--subnet", type=int, default=int(os.environ.get("SSHJOBS_LAB_SUBNET", "9")),
                     help="lab addresses 127.0.SUBNET.x (default $SSHJOBS_LAB_SUBNET or 9)")
-    ap.add_argument("--only", default="", help="comma-separated: cold,warm,scale,install (default all)")
+    ap.add_argument("--only", default="", help="comma-separated: cold,warm,scale,install (default all), cli_start, contact")
     ap.add_argument("--json-out", help="also write the JSON object to this file")
     args = ap.parse_args(argv)
     only = set(filter(None, args.only.split(","))) or {"cold", "warm", "scale", "install"}
@@ -338,6 +338,11 @@ def main(argv: list[str] | None = None) -> int:
         lab.down()
         say(f"bench: lab stopped after {time.perf_counter() - started:.0f} s")
     summary = summarise(runs, n)
+    for name in ("cli_start", "contact"):  # each starts its own lab, so after ours is down
+        if name in only:
+            out = subprocess.run([sys.executable, "-m", f"bench.{name}", "--runs", str(n), "--subnet", str(args.subnet)],
+                                 cwd=ROOT, capture_output=True, text=True, check=True)
+            summary[name] = json.loads(out.stdout.strip().splitlines()[-1])
     summary["machine"]["load_1min_before"] = load_before
     summary["seconds"] = time.perf_counter() - started
     table(summary)

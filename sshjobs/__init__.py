@@ -1,10 +1,32 @@
-"""sshjobs: run Python functions on SSH hosts that have nothing but sshd and python3."""
+"""sshjobs: run Python functions on SSH hosts that have nothing but sshd and python3.
 
-from .api import Cluster, Inventory
+``Cluster``, ``Inventory``, ``Host`` and ``Result`` are imported when first used (module
+``__getattr__``), so that ``import sshjobs`` (and ``sshjobs --version``) does not import
+asyncssh and the rest of the data path; the error tree is imported at once (it imports
+nothing)."""
+
+from . import sshimport
 from .errors import *  # noqa: F403  (the whole tree: every error a user can meet)
 from .errors import __all__ as _errors
-from .inventory import Host
-from .result import Result
+from .version import __version__  # noqa: F401
 
-__all__ = ["Cluster", "Host", "Inventory", "Result", *_errors]
-from .version import __version__  # noqa: E402,F401
+sshimport.install()  # before anything imports asyncssh (see sshimport)
+
+__all__ = ["Cluster", "Host", "Inventory", "Result", *_errors]  # noqa: F405  (the first four: __getattr__)
+
+_LAZY = {"Cluster": "api", "Inventory": "api", "Host": "inventory", "Result": "result"}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sshjobs' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

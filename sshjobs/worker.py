@@ -189,12 +189,6 @@ class Worker:
                 f" but the controller runs Python {sys.version.split()[0]}; cloudpickle needs the same minor version."
                 f' Set python = "python{mine[0]}.{mine[1]}" for this host in the inventory, or python = "match".',
             )
-        if self.hello.get("cloudpickle") != cloudpickle.__version__:
-            log.debug("shipping cloudpickle", host=self.host.name, have=self.hello.get("cloudpickle"))
-            try:
-                self._chan.write(protocol.pack(protocol.MODULES, 0, pickle.dumps(_cloudpickle_sources())))
-            except (BrokenPipeError, asyncssh.Error, OSError):
-                raise self._lost_error() from None
         return self
 
     def close(self) -> None:
@@ -367,6 +361,9 @@ class Worker:
             tail.add(text)
             if self.on_output is not None:
                 self.on_output(self, job_id, item, stream, text)
+        elif kind == protocol.NEED_MODULES:  # a job needs cloudpickle and the host has not ours
+            log.debug("shipping cloudpickle", host=self.host.name, have=self.hello.get("cloudpickle"))
+            self._write(protocol.MODULES, 0, pickle.dumps(_cloudpickle_sources()))
         elif kind == protocol.HELLO:
             if self._hello and not self._hello.done():
                 self._hello.set_result(json.loads(body))

@@ -11,7 +11,7 @@ PACKAGE = Path(sshjobs.__file__).parent
 
 # Lowest first.  A module may import (at any depth, lazily too) only modules listed before it.
 FLOORS = [
-    "version", "errors", "log", "result", "events",       # the ground floor
+    "version", "sshimport", "errors", "log", "result", "events",  # the ground floor
     "remote",                                              # the remote half (stdlib only)
     "safe",                                                # the restricted unpickler
     "inventory", "connection", "worker", "hosts",          # the data path, in order

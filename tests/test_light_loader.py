@@ -57,3 +57,39 @@ def test_a_returned_function_is_pickled_by_cloudpickle_on_demand(inv):
     results = inv.select("node02").gather(lambda: (lambda y: y * 2))
     assert results[0].ok, results[0].error
     assert results[0].value(21) == 42
+
+
+def test_a_first_contact_ships_no_cloudpickle_and_compiles_nothing_until_a_job_needs_it(inv):
+    """A host whose workdir is empty: a plain function runs without cloudpickle's source
+    being sent or written, and on the controller's Python (the same bytecode magic) without
+    a compiled-code cache; the first job that needs cloudpickle gets it, once."""
+    import dataclasses
+    import uuid
+
+    from sshjobs import Inventory
+
+    workdir = f"~/.cache/sshjobs-first-{uuid.uuid4().hex[:8]}"
+    one = Inventory([dataclasses.replace(inv.select("node03").hosts[0], workdir=workdir)], source=inv.source)
+
+    def look():
+        import os
+        import sys
+
+        wd = os.path.expanduser(workdir)
+        return sorted(os.listdir(wd)), "cloudpickle" in sys.modules
+
+    def clean():
+        import os
+        import shutil
+
+        shutil.rmtree(os.path.expanduser(workdir))
+
+    try:
+        [first] = one.gather(look)
+        assert first.unwrap() == ([], False)  # no lib/ (cloudpickle), no code/ (compiled cache)
+        [point] = one.gather(lambda p: p.norm(), Point(-2))
+        assert point.unwrap() == 2 * SCALE
+        [after] = one.gather(look)
+        assert after.unwrap() == (["lib"], False)  # shipped when needed, cached for the next worker
+    finally:
+        one.gather(clean)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import io
 import json
+import marshal
 import pickle
 import stat
 import subprocess
@@ -13,7 +14,7 @@ import sys
 import cloudpickle
 import pytest
 
-from sshjobs.remote import PROVISION, SOURCES, STUB, WORKER, protocol
+from sshjobs.remote import PROVISION, SOURCES, STUB, TAG, WORKER, protocol
 from sshjobs.worker import _cloudpickle_sources, decode_results
 
 
@@ -53,10 +54,8 @@ def worker(tmp_path):
     proc.stdin.flush()
     kind, _, body = protocol.read_frame(proc.stdout)
     assert kind == protocol.HELLO
-    hello = json.loads(body)
-    if hello["cloudpickle"] != cloudpickle.__version__:
-        proc.stdin.write(protocol.pack(protocol.MODULES, 0, pickle.dumps(_cloudpickle_sources())))
-    proc.hello = hello
+    proc.hello = json.loads(body)
+    proc.shipped = 0
     yield proc
     proc.kill()
     proc.wait()
@@ -65,6 +64,17 @@ def worker(tmp_path):
 def send(proc, *frame):
     proc.stdin.write(protocol.pack(*frame))
     proc.stdin.flush()
+
+
+def reply(proc):
+    """The worker's next frame, answering its NEED_MODULES on the way as the controller
+    does (with cloudpickle's source; ``proc.shipped`` counts them)."""
+    while True:
+        frame = protocol.read_frame(proc.stdout)
+        if frame is None or frame[0] != protocol.NEED_MODULES:
+            return frame
+        proc.shipped = getattr(proc, "shipped", 0) + 1
+        send(proc, protocol.MODULES, 0, pickle.dumps(_cloudpickle_sources()))
 
 
 def test_hello_describes_the_host(worker):
@@ -79,16 +89,37 @@ def test_call_and_map_and_output_over_a_pipe(worker, tmp_path):
     send(worker, protocol.FUNC, 1, cloudpickle.dumps(lambda x: print("item", x) or x + k))
     send(worker, protocol.CALL, 5, protocol.FID.pack(1) + pickle.dumps(((1,), {})))
     send(worker, protocol.MAP, 6, protocol.FID.pack(1) + pickle.dumps(([1, 2, "x"],)))
-    kind, job, body = protocol.read_frame(worker.stdout)
+    kind, job, body = reply(worker)
     assert (kind, job) == (protocol.RESULT, 5)
     [(ok, value, out, err, took)] = decode_results(body)
     assert ok and value == 11 and out == "item 1\n" and took >= 0
-    kind, job, body = protocol.read_frame(worker.stdout)
+    kind, job, body = reply(worker)
     assert (kind, job) == (protocol.RESULT, 6)
     results = decode_results(body)
     assert [r[1] for r in results[:2]] == [11, 12]
     assert results[2][0] is False and results[2][1][0] == "TypeError"
-    # cloudpickle's source was cached in the workdir for the next worker
+    # a plain function loads without cloudpickle: nothing was asked for, nothing written
+    lib = tmp_path / "wd" / "lib" / f"cloudpickle-{cloudpickle.__version__}" / "cloudpickle"
+    assert worker.shipped == 0 and not lib.exists()
+
+
+def test_cloudpickle_is_shipped_when_a_job_needs_it_and_only_once(worker, tmp_path):
+    class Point:  # a class of the controller's, pickled by value: its loader is cloudpickle's own
+        def __init__(self, x):
+            self.x = x
+
+    send(worker, protocol.FUNC, 1, cloudpickle.dumps(lambda p: (type(p).__name__, p.x * 2)))
+    send(worker, protocol.CALL, 2, protocol.FID.pack(1) + cloudpickle.dumps(((Point(21),), {})))
+    # a value the host's pickle cannot pickle: the worker needs cloudpickle to send it back
+    send(worker, protocol.FUNC, 3, cloudpickle.dumps(lambda: (lambda y: y + 1)))
+    send(worker, protocol.CALL, 4, protocol.FID.pack(3) + pickle.dumps(((), {})))
+    kind, job, body = reply(worker)
+    assert (kind, job) == (protocol.RESULT, 2) and decode_results(body)[0][:2] == (True, ("Point", 42))
+    kind, job, body = reply(worker)
+    [(ok, value, out, err, took)] = decode_results(body)
+    assert (kind, job, ok) == (protocol.RESULT, 4, True) and value(1) == 2
+    assert worker.shipped == 1
+    # cached in the workdir for the next worker
     assert (tmp_path / "wd" / "lib" / f"cloudpickle-{cloudpickle.__version__}" / "cloudpickle").is_dir()
 
 
@@ -105,13 +136,13 @@ def test_jobs_see_the_real_functools(worker):
 
     send(worker, protocol.FUNC, 1, cloudpickle.dumps(job))
     send(worker, protocol.CALL, 1, protocol.FID.pack(1) + pickle.dumps(((), {})))
-    kind, _, body = protocol.read_frame(worker.stdout)
+    kind, _, body = reply(worker)
     [(ok, value, out, err, took)] = decode_results(body)
     assert ok, value
     assert value == (True, 2, 6, 32, "functools")
     send(worker, protocol.FUNC, 2, cloudpickle.dumps(lambda: __import__("functools").partial(max, 3)))
     send(worker, protocol.CALL, 2, protocol.FID.pack(2) + pickle.dumps(((), {})))
-    kind, _, body = protocol.read_frame(worker.stdout)
+    kind, _, body = reply(worker)
     [(ok, value, out, err, took)] = decode_results(body)
     assert ok and value(7) == 7 and value(1) == 3  # a partial pickled by the host, loaded here
 
@@ -126,7 +157,7 @@ def test_job_reading_stdin_cannot_eat_frames(worker):
     send(worker, protocol.CALL, 1, protocol.FID.pack(1) + pickle.dumps(((), {})))
     send(worker, protocol.CALL, 2, protocol.FID.pack(1) + pickle.dumps(((), {})))
     for job in (1, 2):
-        kind, got, body = protocol.read_frame(worker.stdout)
+        kind, got, body = reply(worker)
         assert (kind, got) == (protocol.RESULT, job)
         assert decode_results(body)[0][:2] == (True, "")
 
@@ -140,25 +171,24 @@ def test_hello_json_without_the_json_module():
         assert json.loads(protocol._json(value)) == value
 
 
-def start_keyed(tmp_path):
+def start_keyed(tmp_path, code=b"", tag=TAG):
     """A worker started the way the controller starts one: with a cache key and the
-    workdir on the first line, and a pickled CONFIG."""
+    workdir on the first line, and a pickled CONFIG; with ``code`` (marshalled) shipped,
+    else as for a host of another Python (the STUB compiles or takes its code cache)."""
     wd = str(tmp_path / "wd")
     proc = subprocess.Popen(["/usr/bin/python3", "-c", STUB], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     config = {"cloudpickle": cloudpickle.__version__, "workdir": wd}
-    proc.stdin.write(WORKER.start(wd)
+    proc.stdin.write(WORKER.header(wd, code).replace(TAG.encode(), tag.encode()) + WORKER.data + code
                      + protocol.pack(protocol.CONFIG, 0, pickle.dumps(config, protocol=4)))
     proc.stdin.flush()
     kind, _, body = protocol.read_frame(proc.stdout)
     assert kind == protocol.HELLO, body
     hello = json.loads(body)
-    if hello["cloudpickle"] != cloudpickle.__version__:
-        send(proc, protocol.MODULES, 0, pickle.dumps(_cloudpickle_sources()))
     # it serves jobs
     send(proc, protocol.FUNC, 1, cloudpickle.dumps(lambda x: x * 3))
     send(proc, protocol.CALL, 2, protocol.FID.pack(1) + pickle.dumps(((5,), {})))
-    kind, job, body = protocol.read_frame(proc.stdout)
+    kind, job, body = reply(proc)
     assert (kind, job) == (protocol.RESULT, 2) and decode_results(body)[0][:2] == (True, 15)
     proc.stdin.close()
     assert proc.wait(timeout=10) == 0, proc.stderr.read()
@@ -179,7 +209,7 @@ def test_compiled_worker_is_cached_privately_and_used(tmp_path):
     sources["worker"] = sources["worker"].replace(b'"platform": sys.platform', b'"platform": "from-cache"')
     cached.write_bytes(subprocess.run(
         ["/usr/bin/python3", "-c", "import marshal,pickle,sys;sys.stdout.buffer.write(marshal.dumps(tuple("
-         "compile(s,n,'exec') for n,s in pickle.load(sys.stdin.buffer))))"],
+         "compile(s,'sshjobs_remote/'+n+'.py','exec') for n,s in pickle.load(sys.stdin.buffer))))"],
         input=pickle.dumps([(n, sources[n]) for n in WORKER.names]), capture_output=True, check=True).stdout)
     assert start_keyed(tmp_path)[0]["platform"] == "from-cache"
     assert hello["platform"] == sys.platform
@@ -200,6 +230,52 @@ def test_a_broken_code_cache_is_compiled_again(tmp_path):
     assert [p.name for p in code.iterdir()] == [cached.name]  # no temporary files left
 
 
+def variant(**changes):
+    """The worker bundle's code as the controller marshals it, but from sources changed
+    by ``changes`` (module name -> (old, new) bytes), so a test can tell which code ran."""
+    sources = dict(SOURCES)
+    for name, (old, new) in changes.items():
+        assert old in sources[name]
+        sources[name] = sources[name].replace(old, new)
+    return marshal.dumps(tuple(compile(sources[n], f"sshjobs_remote/{n}.py", "exec", dont_inherit=True)
+                               for n in WORKER.names))
+
+
+REPORTS_SHIPPED = {"worker": (b'"platform": sys.platform', b'"platform": "shipped"')}
+
+
+def test_shipped_code_runs_without_compiling_or_caching(tmp_path):
+    """/usr/bin/python3 is 3.11.2 and the controller's venv 3.11.7 here: the same cache_tag
+    and bytecode magic number, so the controller's code is taken as it is."""
+    assert WORKER.start("~/x") == WORKER.header("~/x", WORKER.code) + WORKER.data + WORKER.code
+    hello, code = start_keyed(tmp_path, variant(**REPORTS_SHIPPED))
+    assert hello["platform"] == "shipped"
+    assert not code.exists()  # nothing compiled, so nothing to cache
+    assert start_keyed(tmp_path, WORKER.code)[0]["platform"] == sys.platform
+
+
+def test_shipped_code_for_another_python_is_compiled_from_the_sources(tmp_path):
+    # the header's TAG names another Python: the code shipped is not taken
+    for other in ("cpython-399-" + TAG.rsplit("-", 1)[1], TAG.rsplit("-", 1)[0] + "-00000000"):
+        hello, code = start_keyed(tmp_path, variant(**REPORTS_SHIPPED), tag=other)
+        assert hello["platform"] == sys.platform
+        [cached] = code.iterdir()  # compiled, so cached for the next start
+        assert cached.name.startswith(WORKER.key)
+        cached.unlink()
+
+
+def test_a_corrupt_or_foreign_shipped_payload_falls_back_to_compiling(tmp_path):
+    good = WORKER.code
+    others = tuple(compile(SOURCES[n], f"sshjobs_remote/{n}.py", "exec", dont_inherit=True)
+                   for n in ("files", "protocol", "worker"))  # code objects, but not in the bundle's order
+    for junk in (good[:-1], good[: len(good) // 2], b"\x00garbage" + good[9:], marshal.dumps("not code"),
+                 marshal.dumps(others), marshal.dumps(others[:2]), marshal.dumps([1, 2, 3])):
+        hello, code = start_keyed(tmp_path, junk)
+        assert hello["platform"] == sys.platform and hello["cloudpickle"] is None
+        [cached] = code.iterdir()  # it compiled (and cached that)
+        cached.unlink()
+
+
 def test_an_unwritable_code_cache_still_starts(tmp_path):
     (tmp_path / "wd").mkdir(mode=0o700)
     (tmp_path / "wd" / "code").write_text("a file where the cache directory would go")
@@ -209,7 +285,8 @@ def test_an_unwritable_code_cache_still_starts(tmp_path):
 
 def test_frame_kinds_keep_their_wire_values_and_names():
     assert protocol.KINDS == {1: "CONFIG", 2: "MODULES", 3: "FUNC", 4: "CALL", 5: "MAP", 6: "SHUTDOWN", 10: "HELLO",
-                              11: "RESULT", 12: "OUTPUT", 13: "FATAL", 14: "BYTES", 15: "BYTEARRAY"}
+                              11: "RESULT", 12: "OUTPUT", 13: "FATAL", 14: "BYTES", 15: "BYTEARRAY",
+                              16: "NEED_MODULES"}
     assert all(getattr(protocol, name) == code for code, name in protocol.KINDS.items())
     # kind, job id, payload length (network order), payload
     assert protocol.pack(protocol.CALL, 7, b"abc") == b"\x04" + b"\x00\x00\x00\x07" + b"\x00" * 7 + b"\x03abc"
@@ -249,25 +326,27 @@ def test_the_worker_bundle_runs_on_a_bare_python3(tmp_path):
         return (x * 2, sorted(m for m in sys.modules if m.startswith("sshjobs")),
                 importlib.util.find_spec("sshjobs"), sys.flags.isolated, sys.flags.no_site)
 
-    for start in ("compiled", "from the code cache"):
+    for start in ("shipped", "compiled", "from the code cache"):
         proc = subprocess.Popen(BARE_PYTHON3, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
+        proc.shipped = 0
         config = {"cloudpickle": cloudpickle.__version__, "workdir": wd}
-        proc.stdin.write(WORKER.start(wd) + protocol.pack(protocol.CONFIG, 0, pickle.dumps(config, protocol=4)))
+        proc.stdin.write(WORKER.start(wd, compiled=start == "shipped")
+                         + protocol.pack(protocol.CONFIG, 0, pickle.dumps(config, protocol=4)))
         proc.stdin.flush()
         kind, _, body = protocol.read_frame(proc.stdout)
         assert kind == protocol.HELLO, (start, body)
         hello = json.loads(body)
-        if start == "compiled":
-            assert hello["cloudpickle"] is None  # not even the system's: no site-packages
-            send(proc, protocol.MODULES, 0, pickle.dumps(_cloudpickle_sources()))
-        else:
-            assert hello["cloudpickle"] == cloudpickle.__version__  # cached in the workdir
-            assert [p.name.split("-")[0] for p in (tmp_path / "wd" / "code").iterdir()] == [WORKER.key]
+        assert hello["cloudpickle"] is None  # not even the system's (no site-packages), and not needed
+        code = tmp_path / "wd" / "code"
+        if start == "from the code cache":
+            assert [p.name.split("-")[0] for p in code.iterdir()] == [WORKER.key]
+        elif start == "shipped":
+            assert not code.exists()
         send(proc, protocol.FUNC, 1, cloudpickle.dumps(job))
         send(proc, protocol.CALL, 2, protocol.FID.pack(1) + pickle.dumps(((21,), {})))
-        kind, job_id, body = protocol.read_frame(proc.stdout)
-        assert (kind, job_id) == (protocol.RESULT, 2)
+        kind, job_id, body = reply(proc)
+        assert (kind, job_id) == (protocol.RESULT, 2) and proc.shipped == 0
         [(ok, value, out, err, took)] = decode_results(body)
         assert ok, value
         assert value == (42, ["sshjobs_remote", "sshjobs_remote.files", "sshjobs_remote.protocol",
@@ -284,10 +363,13 @@ def test_the_provisioning_bundle_runs_on_a_bare_python3(tmp_path):
     wd = tmp_path / "wd"
     wd.mkdir(mode=0o700)
     request = json.dumps({"op": "list", "workdir": str(wd)}).encode()
-    for _ in range(2):  # compiled, then from the code cache
-        out = subprocess.run(BARE_PYTHON3, cwd=cwd, input=PROVISION.start(str(wd)) + request,
+    for compiled in (True, False, False):  # shipped; compiled here; then from the code cache
+        out = subprocess.run(BARE_PYTHON3, cwd=cwd, input=PROVISION.start(str(wd), compiled) + request,
                              capture_output=True, timeout=30)
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout) == {"ok": True, "workdir": str(wd), "envs": []}
+        if compiled:
+            assert not (wd / "code").exists()
+            continue
         [cached] = (wd / "code").iterdir()
         assert cached.name.startswith(PROVISION.key) and stat.S_IMODE(cached.stat().st_mode) == 0o600

@@ -18,44 +18,63 @@ Locally the same files are ``sshjobs.remote.protocol`` and so on.
 from __future__ import annotations
 
 import hashlib
+import marshal
+import sys
+from importlib.util import MAGIC_NUMBER
 from pathlib import Path
 
-# The command-line bootstrap.  Its stdin: a line "LENGTH KEY WORKDIR-IN-HEX NAME...", then
-# LENGTH bytes: the modules' sources, in that order, each ended by a NUL byte (which Python
-# source cannot hold).  It reads fd 0 unbuffered so that no byte meant for the program
-# (frames, a request) is read ahead and lost.  It runs the tuple of code objects that an
-# earlier start cached under WORKDIR/code/KEY-... (compiling the worker bundle costs
-# several ms of CPU), and compiles the sources when that file is missing, unreadable, not
-# its user's own, writable by others or not such a tuple; the program writes it then
-# (files.save_code).  KEY and WORKDIR "-": no cache.  The STUB itself is compiled at every
-# start (~0.25 ms of CPU), so it stays terse; marshal.loads(f.read()), not marshal.load(f),
-# which calls f.readinto for every few bytes (~1 ms of CPU).  Kept to what the oldest host
-# Python runs, so that one can still say which Python it is.
+# The command-line bootstrap.  Its stdin: a line "LENGTH SPLIT KEY WORKDIR-IN-HEX TAG NAME...",
+# then LENGTH bytes: the modules' sources, in that order, each ended by a NUL byte (which
+# Python source cannot hold), up to SPLIT; after it, their code objects compiled by the
+# controller and marshalled (none when SPLIT = LENGTH).  It reads fd 0 unbuffered so that
+# no byte meant for the program (frames, a request) is read ahead and lost.  Compiling the
+# worker bundle costs 5-13 ms of CPU, so the STUB takes, in this order: the shipped code
+# when TAG is its own cache_tag and bytecode magic number (what CPython itself checks before
+# it loads a .pyc, so 3.11.2 runs 3.11.7's code; marshal and bytecode change only with the
+# magic number); the tuple an earlier start cached under WORKDIR/code/KEY-TAG-HEXVERSION;
+# else it compiles the sources and the program writes that file (files.save_code).  Code
+# is taken only as code objects named for the bundle's modules, in order; a file not its
+# user's own or writable by others is not read.  Anything else (a payload that does not
+# unmarshal, another Python) falls through to the next.  KEY and WORKDIR "-": no cache.
+# The STUB itself is compiled at every start (~0.25 ms of CPU), so it stays terse;
+# marshal.loads(f.read()), not marshal.load(f), which calls f.readinto for every few
+# bytes (~1 ms of CPU).  Kept to what the oldest host Python runs, so that one can still
+# say which Python it is.
 STUB = """import os,sys,types,marshal
 r=os.fdopen(0,'rb',0)
-h=r.readline().decode().split();N=h[3:]
+h=r.readline().decode().split();N=h[5:]
 n=int(h[0]);b=bytearray()
 while len(b)<n:
  c=r.read(n-len(b))
  if not c:sys.exit(3)
  b+=c
-P='sshjobs_remote';m=sys.modules[P]=types.ModuleType(P);m.__path__=[];p=None
+P='sshjobs_remote';m=sys.modules[P]=types.ModuleType(P);m.__path__=[];p=None;i=int(h[1])
+def L(d):
+ c=marshal.loads(d)
+ if[x.co_filename for x in c]!=[P+'/'+k+'.py'for k in N]:raise ValueError
+ return c
 try:
- p=os.path.expanduser(bytes.fromhex(h[2]).decode())+'/code/%s-%s-%x'%(h[1],sys.implementation.cache_tag,sys.hexversion)
- with open(p,'rb') as f:
-  s=os.fstat(f.fileno())
-  if s.st_uid!=os.getuid() or s.st_mode&18:raise ValueError
-  c=marshal.loads(f.read())
- if tuple(map(type,c))!=len(N)*(types.CodeType,):raise ValueError
+ t=sys.implementation.cache_tag
+ if h[4]!=t+'-'+__import__('_frozen_importlib_external').MAGIC_NUMBER.hex():raise ValueError
+ c=L(bytes(b[i:]))
 except Exception:
- c=()
- for k,s in zip(N,b.split(b'\\0')):c+=compile(s,P+'/'+k+'.py','exec'),
- m.CODE_CACHE=p and(p,c)
+ try:
+  p=os.path.expanduser(bytes.fromhex(h[3]).decode())+'/code/%s-%s-%x'%(h[2],t,sys.hexversion)
+  with open(p,'rb') as f:
+   s=os.fstat(f.fileno())
+   if s.st_uid!=os.getuid() or s.st_mode&18:raise ValueError
+   c=L(f.read())
+ except Exception:
+  c=()
+  for k,s in zip(N,b[:i].split(b'\\0')):c+=compile(s,P+'/'+k+'.py','exec'),
+  m.CODE_CACHE=p and(p,c)
 for k,x in zip(N,c):
  d=sys.modules[P+'.'+k]=types.ModuleType(P+'.'+k);d.__package__=P;exec(x,d.__dict__)
 d.main()"""
 
 _HERE = Path(__file__).parent
+# Which hosts can run code compiled here: the STUB's test of a header's TAG.
+TAG = f"{sys.implementation.cache_tag}-{MAGIC_NUMBER.hex()}"
 # Every remote module's source, read once: what the bundles send and their cache keys hash.
 SOURCES = {name: (_HERE / f"{name}.py").read_bytes() for name in ("protocol", "files", "worker", "provision")}
 
@@ -69,15 +88,29 @@ class Bundle:
         self.data = b"".join(SOURCES[n] + b"\0" for n in names)
         # the name of the compiled code in a host's workdir (the stub's reading of it too)
         self.key = hashlib.sha256(b"\0".join((STUB.encode(), " ".join(names).encode(), self.data))).hexdigest()[:32]
+        self._code: bytes | None = None
 
-    def header(self, workdir: str | None = None) -> bytes:
-        """The STUB's first line; without a workdir the code is compiled and not cached."""
+    @property
+    def code(self) -> bytes:
+        """The modules compiled here and marshalled, for hosts whose TAG is the controller's
+        (compiled once per process, on first use)."""
+        if self._code is None:
+            self._code = marshal.dumps(tuple(
+                compile(SOURCES[n], f"sshjobs_remote/{n}.py", "exec", dont_inherit=True) for n in self.names))
+        return self._code
+
+    def header(self, workdir: str | None = None, code: bytes = b"") -> bytes:
+        """The STUB's first line; without a workdir nothing is cached on the host, without
+        ``code`` nothing compiled is shipped."""
         key, where = (self.key, workdir.encode().hex()) if workdir else ("-", "-")
-        return f"{len(self.data)} {key} {where} {' '.join(self.names)}\n".encode()
+        size = len(self.data)
+        return f"{size + len(code)} {size} {key} {where} {TAG if code else '-'} {' '.join(self.names)}\n".encode()
 
-    def start(self, workdir: str | None = None) -> bytes:
-        """What the STUB reads from stdin before the program does: header and sources."""
-        return self.header(workdir) + self.data
+    def start(self, workdir: str | None = None, compiled: bool = True) -> bytes:
+        """What the STUB reads from stdin before the program does: header, sources and
+        (``compiled``) the controller's code objects, which a host of another TAG ignores."""
+        code = self.code if compiled else b""
+        return self.header(workdir, code) + self.data + code
 
 
 WORKER = Bundle("protocol", "files", "worker")

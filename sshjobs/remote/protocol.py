@@ -32,7 +32,7 @@ def _kind(code, name):
 
 # controller -> worker
 CONFIG = _kind(1, "CONFIG")  # pickled {"cloudpickle": version, "workdir": path, "env": {...}} (JSON too)
-MODULES = _kind(2, "MODULES")  # pickled {relative path: source} of cloudpickle
+MODULES = _kind(2, "MODULES")  # pickled {relative path: source} of cloudpickle: NEED_MODULES' answer
 FUNC = _kind(3, "FUNC")  # job id = function id; payload: cloudpickled callable
 CALL = _kind(4, "CALL")  # FID + pickled (args, kwargs): one result
 MAP = _kind(5, "MAP")  # FID + pickled (items,): one result per item
@@ -42,6 +42,7 @@ HELLO = _kind(10, "HELLO")  # JSON facts about the host and worker
 RESULT = _kind(11, "RESULT")  # META_LEN + pickled meta + the pickled values, one after the other
 OUTPUT = _kind(12, "OUTPUT")  # payload: OUTPUT_HEAD (stream 1 stdout / 2 stderr, item) + utf-8 text
 FATAL = _kind(13, "FATAL")  # JSON: the worker cannot go on
+NEED_MODULES = _kind(16, "NEED_MODULES")  # a job needs cloudpickle and the host has not the controller's
 # both ways: one out-of-band buffer of the job's next CALL, MAP or RESULT frame, raw
 BYTES = _kind(14, "BYTES")  # the receiver makes it a bytes
 BYTEARRAY = _kind(15, "BYTEARRAY")  # ... a bytearray (it stood for a bytearray or a writable buffer)

@@ -1,7 +1,10 @@
 """The remote worker: the loop a host runs for ``python3 -c STUB`` (see sshjobs.remote).
 
 It reads CONFIG, answers HELLO, then serves FUNC, CALL and MAP frames (``protocol``) until
-its stdin closes.  Nothing but frames is ever written to the protocol stream: ``main()``
+its stdin closes.  cloudpickle is asked for (NEED_MODULES, answered by MODULES) only when a
+job needs it and the host has not the controller's version: a plain function is loaded
+without it (the light loaders below), so a first contact costs what a later one does.
+Nothing but frames is ever written to the protocol stream: ``main()``
 moves the real stdout away before running anything and points file descriptor 1 at
 stderr, so stray output from C code or subprocesses cannot corrupt it.
 
@@ -19,7 +22,7 @@ import types
 
 from .files import private_dir, rmtree, save_code, touch_env
 from .protocol import (ALL_OK, BYTEARRAY, BYTES, CALL, CONFIG, FATAL, FID, FUNC, HEADER, HELLO, MAP, META_LEN,
-                       MODULES, OUTPUT, OUTPUT_HEAD, RESULT, SHUTDOWN, STDERR, STDOUT, Parts, Reader, _json,
+                       MODULES, NEED_MODULES, OUTPUT, OUTPUT_HEAD, RESULT, SHUTDOWN, STDERR, STDOUT, Parts, Reader, _json,
                        error_info, index_env, read_frame)
 
 # A worker's start-up is mostly imports: the C modules behind pickle, signal, threading
@@ -165,6 +168,9 @@ class Worker:
         self.item = 0
         self.loads = pickle.loads
         self.cloudpickle = None
+        self.missing = None  # (workdir, version) of a cloudpickle the controller must send
+        self.modules = None  # MODULES' payload, handed over by the reader thread
+        self.modules_came = _Flag()
 
     # -- output --------------------------------------------------------------
     def send(self, kind, job_id, payload=b"", flush=True):
@@ -189,6 +195,7 @@ class Worker:
             out = Parts(True)
             pickle.Pickler(out, protocol=5).dump(value)
         except Exception:
+            self.need_cloudpickle()
             if self.cloudpickle is None:
                 import cloudpickle
 
@@ -208,12 +215,17 @@ class Worker:
                 if frame is None or frame[0] == SHUTDOWN:
                     break
                 kind, job_id, payload = frame
+                if kind == MODULES:  # the answer to NEED_MODULES: a job waits for it
+                    self.modules = payload
+                    self.modules_came.set()
+                    continue
                 if kind == BYTES or kind == BYTEARRAY:
                     buffers.setdefault(job_id, []).append(payload)
                     continue
                 self.jobs.put((kind, job_id, payload, buffers.pop(job_id, None) if buffers else None))
         except Exception:
             pass
+        self.modules_came.set()  # nothing more will come: a job waiting for cloudpickle fails
         self.jobs.put(None)
         # A job may be running: stdin closing means the controller is gone or wants
         # this worker dead.  Give an idle main thread a moment to exit cleanly.
@@ -239,8 +251,10 @@ class Worker:
         private_dir(workdir)
         want = config.get("cloudpickle")
         have = self._find_cloudpickle(workdir, want)
-        if str(want).startswith("3."):  # the loaders below are cloudpickle 3's
-            self.loads = _loads
+        if have != want and want:
+            self.missing = (workdir, want)
+        # the loaders below are cloudpickle 3's
+        self.loads = _loader(_LIGHT if str(want).startswith("3.") else {}, self.need_cloudpickle)
         hello = {
             "python": list(sys.version_info[:3]),
             "executable": sys.executable,
@@ -262,11 +276,22 @@ class Worker:
         self.send(HELLO, 0, _json(hello).encode())
         save_code()  # after HELLO: the controller need not wait for it
         touch_env()
-        if have != want:
-            frame = read_frame(self.inp)
-            if frame is None or frame[0] != MODULES:
-                raise SystemExit("sshjobs worker: expected cloudpickle's source")
-            self._install_cloudpickle(workdir, want, pickle.loads(frame[2]))
+
+    def need_cloudpickle(self):
+        """Make the controller's cloudpickle importable here, before anything imports it:
+        on the first need, ask the controller for its source (a round trip, taken only by
+        the first job on this host that needs more than the light loaders)."""
+        if self.missing is None:
+            return
+        workdir, want = self.missing
+        self.missing = None
+        self.send(NEED_MODULES, 0)
+        while not self.modules_came.wait(3600):
+            pass
+        if self.modules is None:
+            raise RuntimeError("sshjobs worker: the controller did not send cloudpickle's source")
+        self._install_cloudpickle(workdir, want, pickle.loads(self.modules))
+        self.modules = None
 
     def _find_cloudpickle(self, workdir, want):
         """cloudpickle's version, found without importing it: its imports are most of a
@@ -540,15 +565,22 @@ _LIGHT = {
 }
 
 
-class _Unpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if module == "cloudpickle.cloudpickle" and name in _LIGHT:
-            return _LIGHT[name]
-        return pickle.Unpickler.find_class(self, module, name)
+def _loader(light, need_cloudpickle):
+    """The worker's loads(): cloudpickle's names in ``light`` come from there; any other
+    of cloudpickle's first has ``need_cloudpickle()`` make the module importable."""
 
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if module[:11] == "cloudpickle":
+                if module == "cloudpickle.cloudpickle" and name in light:
+                    return light[name]
+                need_cloudpickle()
+            return pickle.Unpickler.find_class(self, module, name)
 
-def _loads(data, buffers=None):
-    return _Unpickler(Reader(data), buffers=buffers).load()
+    def loads(data, buffers=None):
+        return Unpickler(Reader(data), buffers=buffers).load()
+
+    return loads
 
 
 class _Unloadable:
