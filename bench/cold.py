@@ -1,8 +1,10 @@
 """One cold run in a process of its own: connect, run one job per host, close.
 
-``python -m bench.cold {sshjobs|sshjobs-connect|baseline} {eigen|noop} INVENTORY HOSTS``
-(sshjobs: the one-shot ``inv.map``/``inv.gather``; sshjobs-connect: ``async with
-inv.connect()``, which waits for every host before the first job) prints one JSON
+``python -m bench.cold {sshjobs|sshjobs-req|sshjobs-connect|baseline} {eigen|noop} INVENTORY HOSTS``
+(sshjobs: the one-shot ``inv.map``/``inv.gather``; sshjobs-req: the same with
+``requirements=["numpy"]``, as a user on hosts with nothing but python3 calls it;
+sshjobs-connect: ``async with inv.connect()``, which waits for every host before the
+first job) prints one JSON
 line: seconds from the first connect to the last result (after imports, before exit,
 connections closed), the CPU seconds the whole machine was busy meanwhile (controller,
 sshd and the hosts' processes, from /proc/stat), and the process's peak RSS (VmHWM).
@@ -33,11 +35,14 @@ def machine_cpu() -> float:
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
 
-def run_oneshot(inv, job: str):
+def run_oneshot(inv, job: str, requirements=None):
     from . import jobs
 
     t0 = time.perf_counter()
-    results = inv.map(jobs.eigen, range(len(inv))) if job == "eigen" else inv.gather(jobs.noop)
+    if job == "eigen":
+        results = inv.map(jobs.eigen, range(len(inv)), requirements=requirements)
+    else:
+        results = inv.gather(jobs.noop, requirements=requirements)
     return checked(time.perf_counter() - t0, results)
 
 
@@ -80,8 +85,8 @@ def main(argv: list[str]) -> None:
 
     inv = load(path, hosts)
     cpu0 = machine_cpu()
-    if tool == "sshjobs":
-        seconds, values = run_oneshot(inv, job)
+    if tool in ("sshjobs", "sshjobs-req"):
+        seconds, values = run_oneshot(inv, job, ["numpy"] if tool == "sshjobs-req" else None)
     else:
         seconds, values = asyncio.run((run_connect if tool == "sshjobs-connect" else run_baseline)(inv, job))
     cpu = machine_cpu() - cpu0  # the run's own, nearly: the process's start and end are outside

@@ -35,8 +35,12 @@ FIGURES = {
                     "<= 0.85x baseline"),
     "cold_fanout_connect": ("cold fan-out, 10 hosts, async with (new process)", "s", False,
                             lambda v, r: r is not None and r <= 0.85, "<= 0.85x baseline"),
+    "cold_requirements": ("cold fan-out, 10 hosts, requirements=[\"numpy\"] on python3 (new process)", "s", False,
+                          lambda v, r: r is not None and r <= 0.85, "<= 0.85x baseline"),
     "cold_cpu": ("cold fan-out, machine CPU during the run", "s", False, None, "- (what bounds the figure)"),
     "warm_fanout": ("warm fan-out, 10 hosts", "s", False, lambda v, r: v <= 0.08, "<= 0.08 s"),
+    "warm_requirements": ("warm fan-out, 10 hosts, requirements=[\"numpy\"] on python3", "s", False,
+                          lambda v, r: v <= 0.07, "<= 0.07 s"),
     "submit": ("tiny jobs, 10,000 submits", "jobs/s", True, lambda v, r: v >= 25_000, ">= 25,000 jobs/s"),
     "map": ("tiny jobs, map over 1,000,000 ints", "items/s", True, lambda v, r: v >= 500_000, ">= 500,000 items/s"),
     "bulk_up": ("bulk 200 MB echo, up", "MB/s", True, lambda v, r: v >= 200, ">= 200 MB/s"),
@@ -45,6 +49,15 @@ FIGURES = {
     "scale_cpu": ("100 hosts, machine CPU during the run", "s", False, None, "- (what bounds the figure)"),
     "scale_rss": ("100 hosts, controller peak RSS", "MB", False, lambda v, r: v <= 200, "<= 200 MB"),
     "install": ("install no-op, 10 hosts", "s", False, lambda v, r: v <= 0.3, "<= 0.3 s"),
+    # bench.contact (its own 100-host lab): baseline = raw asyncssh `python3 -c pass` per host
+    "first_contact": ("100 hosts, first contact (caches empty), no-op gather (new process)", "s", False,
+                      lambda v, r: r is not None and r <= 1.2, "<= 1.2x baseline"),
+    "later_contact": ("100 hosts, later contact, no-op gather (new process)", "s", False,
+                      lambda v, r: r is not None and r <= 1.0, "<= 1.0x baseline"),
+    # bench.cli_start (its own 10-host lab), whole processes
+    "version": ("`sshjobs --version` (baseline: python -c pass)", "s", False, lambda v, r: v <= 0.08, "<= 0.08 s"),
+    "run_10": ("`sshjobs run` tiny job, 10 hosts (baseline: 10 parallel ssh)", "s", False,
+               lambda v, r: r is not None and r <= 0.6, "<= 0.6x baseline"),
 }
 
 
@@ -193,6 +206,33 @@ async def warm_figures(inv, python: str, runs: Runs, n: int, expected: list) -> 
         await base.close()
 
 
+async def warm_requirements(inv, python: str, runs: Runs, n: int, expected: list) -> None:
+    """A session on the hosts' own python3 whose calls name their requirements, as a user's do:
+    ``cluster.map(eigen, range(10), requirements=["numpy"])`` again and again."""
+    from . import jobs
+    from .baseline import Baseline
+
+    base = await Baseline(inv.hosts, python).connect()
+    try:
+        async with inv.connect() as cluster:
+            for i in range(n + 1):  # run 0: the environment found, the workers in it
+                say(f"bench: warm fan-out with requirements, run {i}/{n}")
+                t0 = time.perf_counter()
+                res = await cluster.map(jobs.eigen, range(len(inv)), requirements=["numpy"])
+                t_s = time.perf_counter() - t0
+                if not all(r.ok for r in res) or not close_enough([r.value for r in res], expected):
+                    raise RuntimeError(f"sshjobs eigen results (requirements) wrong: {res[:2]}")
+                t0 = time.perf_counter()
+                vals = await base.fanout()
+                t_b = time.perf_counter() - t0
+                if not close_enough(vals, expected):
+                    raise RuntimeError("baseline eigen results wrong")
+                if i:
+                    runs.add_pair("warm_requirements", t_s, t_b)
+    finally:
+        await base.close()
+
+
 async def install_figure(inv, python: str, runs: Runs, n: int) -> None:
     """An environment that is already installed, asked for again on 10 hosts.
 
@@ -284,10 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hosts", type=int, default=100, help="lab hosts for the scale figure (the others use 10)")
     ap.add_argument("--subnet", type=int, default=int(os.environ.get("SSHJOBS_LAB_SUBNET", "9")),
                     help="lab addresses 127.0.SUBNET.x (default $SSHJOBS_LAB_SUBNET or 9)")
-    ap.add_argument("--only", default="", help="comma-separated: cold,warm,scale,install (default all), cli_start, contact")
+    ap.add_argument("--only", default="", help="comma-separated: cold,warm,scale,install,cli_start,contact (default all)")
     ap.add_argument("--json-out", help="also write the JSON object to this file")
     args = ap.parse_args(argv)
-    only = set(filter(None, args.only.split(","))) or {"cold", "warm", "scale", "install"}
+    only = set(filter(None, args.only.split(","))) or {"cold", "warm", "scale", "install", "cli_start", "contact"}
 
     from sshjobs import Inventory
     from sshjobs.lab import Lab
@@ -304,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     say(f"bench: starting a {nlab}-host lab on 127.0.{args.subnet}.x")
     try:
         lab.up(timeout=60)
+        base_inventory = lab.inventory_path.with_name("python3.toml")  # the hosts' own python3
+        base_inventory.write_text(lab.inventory_path.read_text())
         text = lab.inventory_path.read_text().replace("[defaults]\n", f'[defaults]\npython = "{python}"\n', 1)
         lab.inventory_path.write_text(text)
         full = Inventory.load(lab.inventory_path)
@@ -322,8 +364,19 @@ def main(argv: list[str] | None = None) -> int:
                     runs.add_pair("cold_fanout", s["seconds"], b["seconds"])
                     runs.add_pair("cold_cpu", s["machine_cpu"], b["machine_cpu"])
                     runs.add_pair("cold_fanout_connect", c["seconds"], b["seconds"])
+        if "cold" in only:  # the user's path: hosts' own python3, numpy installed by sshjobs
+            say("bench: requirements=['numpy'] on the hosts' python3 (run 0 builds the environments)")
+            for i in range(n + 1):
+                s = cold("sshjobs-req", "eigen", base_inventory, 10)
+                b = cold("baseline", "eigen", lab.inventory_path, 10)
+                if not all(close_enough(x["values"], expected) for x in (s, b)):
+                    raise RuntimeError("cold eigen results (requirements) differ from the reference")
+                if i:
+                    runs.add_pair("cold_requirements", s["seconds"], b["seconds"])
         if "warm" in only:
             asyncio.run(warm_figures(inv10, str(python), runs, n, expected))
+            asyncio.run(warm_requirements(Inventory.load(base_inventory).select(",".join(h.name for h in inv10)),
+                                          str(python), runs, n, expected))
         if "scale" in only and nlab >= 100:
             for i in range(n + 1):
                 say(f"bench: {nlab} hosts cold no-op, run {i}/{n}")
@@ -337,12 +390,27 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         lab.down()
         say(f"bench: lab stopped after {time.perf_counter() - started:.0f} s")
-    summary = summarise(runs, n)
+    extra = {}
     for name in ("cli_start", "contact"):  # each starts its own lab, so after ours is down
         if name in only:
+            say(f"bench: {name}")
             out = subprocess.run([sys.executable, "-m", f"bench.{name}", "--runs", str(n), "--subnet", str(args.subnet)],
-                                 cwd=ROOT, capture_output=True, text=True, check=True)
-            summary[name] = json.loads(out.stdout.strip().splitlines()[-1])
+                                 cwd=ROOT, stdout=subprocess.PIPE, text=True, check=True)
+            extra[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    if "contact" in extra:
+        c = extra["contact"]["runs"]
+        for ours, theirs in zip(c["ours_first"], c["baseline"]):
+            runs.add_pair("first_contact", ours, theirs)
+        for ours, theirs in zip(c["ours_later"], c["baseline"]):
+            runs.add_pair("later_contact", ours, theirs)
+    if "cli_start" in extra:
+        c = extra["cli_start"]
+        for ours, theirs in zip(c["version"]["walls"], c["python_pass"]["walls"]):
+            runs.add_pair("version", ours, theirs)
+        for ours, theirs in zip(c["run_10_hosts"]["walls"], c["ssh_10_parallel"]["walls"]):
+            runs.add_pair("run_10", ours, theirs)
+    summary = summarise(runs, n)
+    summary.update(extra)
     summary["machine"]["load_1min_before"] = load_before
     summary["seconds"] = time.perf_counter() - started
     table(summary)

@@ -37,24 +37,31 @@ async def demo(inv: Inventory, offline: bool | None) -> int:
         mode = f"offline on {', '.join(offline_hosts)} (wheels shipped from this machine), online elsewhere"
     print(f"Install mode: {mode}")
     print(f"Waiting for {n} workers...", flush=True)
-    async with Cluster(inv) as cluster:
+    # Workers import numpy as they start (preload), so the jobs' phase holds only the jobs.
+    cluster = Cluster(inv, preload=["numpy"])
+    try:
+        # The install connects too: each host's first worker starts straight in numpy's
+        # environment where an earlier run built it.
+        installing = asyncio.ensure_future(cluster.install(["numpy"], offline=offline))
+        await asyncio.gather(*(cluster.ready(s) for s in cluster.hosts))
         ready = [s for s in cluster.hosts if s.usable]
         print(f"  found {len(ready)} workers", flush=True)
         for s in cluster.hosts:
             if s.error:
-                print(f"  ✗ {s.name}: {s.error[1]}")
+                print(f"  ✗ {s.name}: {s.error}")
         if not ready:
+            installing.cancel()
             return 1
 
         print(f"Installing numpy on {len(ready)} workers...", flush=True)
-        installed = await cluster.install(["numpy"], offline=offline)
+        installed = await installing
         for r in installed:
             if r.host in {s.name for s in ready}:
                 print(f"  ✓ {r.host}" if r.ok else f"  ✗ {r.host}: {r.error}", flush=True)
         jobs = sum(1 for r in installed if r.ok)
         if not jobs:
             return 1
-        await cluster.ensure_slots()  # the workers now run in numpy's environment: start them
+        await cluster.ensure_slots()  # every slot's worker, in numpy's environment
 
         print(f"Submitting {jobs} jobs in parallel...", flush=True)
         t0 = time.perf_counter()
@@ -71,6 +78,8 @@ async def demo(inv: Inventory, offline: bool | None) -> int:
             return 1
         print(f"All {jobs} jobs completed in {elapsed:.2f}s")
         return 0 if len(ready) == n and all(r.ok for r in installed) else 1
+    finally:
+        await cluster.close()
 
 
 def main() -> int:

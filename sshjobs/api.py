@@ -34,20 +34,22 @@ class Cluster:
     ``await cluster.map(fn, items)``, ``await cluster.submit(fn, *args)``.
     ``on_event(host_name, event, info)`` hears progress (see ``sshjobs.events``).
     ``requirements``: every call (``submit`` too) runs in their environment, installed
-    where missing; the workers start straight in it where it exists.
+    where missing; the workers start straight in it where it exists.  ``preload``: modules
+    every worker imports as it starts, before the first job (with each host's inventory
+    ``preload``); one that does not import there is skipped (logged at INFO).
     """
 
     def __init__(self, inventory: BaseInventory, *, connect_concurrency: int = 64,
                  start_timeout: float = 60.0, on_output: Callable | None = None,
                  on_event: Callback | None = None, offline: bool | None = None,
                  safe_results: bool | Iterable[str] | None = None,
-                 requirements: str | PathLike | Iterable[str] | None = None):
+                 requirements: str | PathLike | Iterable[str] | None = None, preload: Iterable[str] = ()):
         self.inventory = inventory
         self.events = Events(on_event)
         # safe_results (API or inventory): results decoded by the restricted unpickler.
         self.safe_results = safe_results
         self.states = [HostState(h, i, self.events, start_timeout=start_timeout, on_output=on_output,
-                                 loads=safe.resolve(safe_results, h.safe_results))
+                                 loads=safe.resolve(safe_results, h.safe_results), preload=preload)
                        for i, h in enumerate(inventory.hosts)]
         self.connect_concurrency = connect_concurrency
         self.offline = offline  # None: each host's inventory `offline`
@@ -420,11 +422,12 @@ class Inventory(BaseInventory):
     def connect(self, *, connect_concurrency: int = 64, start_timeout: float = 60.0,
                 on_output: Callable | None = None, on_event: Callback | None = None,
                 offline: bool | None = None, safe_results: bool | Iterable[str] | None = None,
-                requirements: str | PathLike | Iterable[str] | None = None) -> Cluster:
-        """``async with inv.connect() as cluster:`` connections and workers that live across calls."""
+                requirements: str | PathLike | Iterable[str] | None = None, preload: Iterable[str] = ()) -> Cluster:
+        """``async with inv.connect() as cluster:`` connections and workers that live across calls
+        (the options: see ``Cluster``)."""
         return Cluster(self, connect_concurrency=connect_concurrency, start_timeout=start_timeout,
                        on_output=on_output, on_event=on_event, offline=offline, safe_results=safe_results,
-                       requirements=requirements)
+                       requirements=requirements, preload=preload)
 
     def gather(self, fn: Callable, /, *args: Any, timeout: float | None = None,
                requirements: str | PathLike | Iterable[str] | None = None,

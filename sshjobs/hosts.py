@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Iterable
 
 from .connection import HostLink
 from .errors import ConnectError, HostError, HostLost, NotConnected, PythonMismatch, WorkerError, WorkerStartError
@@ -26,8 +26,9 @@ class HostState:
     """One host within a Cluster: connections, workers by slot, its facts and its error."""
 
     def __init__(self, host: Host, index: int, events: Events, *, start_timeout: float = 60.0,
-                 on_output: Callable | None = None, loads: Callable | None = None):
+                 on_output: Callable | None = None, loads: Callable | None = None, preload: Iterable[str] = ()):
         self.host = host
+        self.preload = list(dict.fromkeys((*host.preload, *preload)))  # imported by every worker as it starts
         self.index = index
         self.events = events
         self.start_timeout = start_timeout
@@ -131,7 +132,7 @@ class HostState:
             alias = self.alias if self.env_key is None else None
             first = f"{self.host.workdir.rstrip('/')}/envs/@{alias}/bin/python" if alias else None
             worker = Worker(self.link, python=self.python, env=self.env, slots=self.host.slots,
-                            on_output=self.on_output, first=first)
+                            on_output=self.on_output, first=first, preload=self.preload)
             try:
                 await worker.start(self.start_timeout)
             except WorkerError as exc:
@@ -144,6 +145,8 @@ class HostState:
                 self.fail(exc)
                 return None
             self.start_failures = 0
+            if worker.hello.get("preload_errors"):
+                log.info("a module to preload did not import", host=self.name, errors=worker.hello["preload_errors"])
             if alias and self.env_key is None and worker.hello.get("executable", "").endswith(f"/envs/@{alias}/bin/python"):
                 # started straight in the wanted environment: later workers start there too
                 self.env_key = alias

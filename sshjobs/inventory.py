@@ -35,6 +35,7 @@ class Host:
     offline: bool = False
     safe_results: bool = False
     requirements: tuple[str, ...] = ()  # requirement lines: every call runs in their environment
+    preload: tuple[str, ...] = ()  # modules every worker imports as it starts
 
     def __post_init__(self) -> None:
         if not self.address:
@@ -66,9 +67,10 @@ _KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "offline": ((bool,), "true or false"),
     "safe_results": ((bool,), "true or false"),
     "requirements": ((list, str), "a list of requirements or a requirements file's path"),
+    "preload": ((list,), "a list of module names"),
 }
 _HOST_ONLY = {"address", "groups"}
-_ADDING = ("env", "requirements")  # a host's (or group's) adds to the defaults' instead of replacing
+_ADDING = ("env", "requirements", "preload")  # a host's (or group's) adds to the defaults' instead of replacing
 _PATH_KEYS = ("identity", "known_hosts")
 
 
@@ -288,6 +290,10 @@ def _check_table(table: dict, source: str, where: str, base: Path, host_only_ok:
             value = tuple((str(k), str(v)) for k, v in value.items())
         if key == "requirements":
             value = _requirement_lines(value, prefix, base)
+        if key == "preload":
+            if not all(isinstance(m, str) and re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*", m) for m in value):
+                raise InventoryError(f"{prefix} must be {desc}, got {value!r}")
+            value = tuple(value)
         if key in _PATH_KEYS:
             path = Path(os.path.expanduser(value))
             if not path.is_absolute():

@@ -116,8 +116,10 @@ class Worker:
     """One ``python3 -c STUB`` process on a host, serving jobs until closed."""
 
     def __init__(self, link: HostLink, python: str | None = None, env: dict | None = None,
-                 slots: int | str = 1, on_output=None, max_output: int = MAX_OUTPUT, first: str | None = None):
+                 slots: int | str = 1, on_output=None, max_output: int = MAX_OUTPUT, first: str | None = None,
+                 preload: Sequence[str] = ()):
         self.link = link
+        self.preload = list(preload)  # modules it imports before saying hello
         self.first = first  # an interpreter tried before ``python`` (see stub_command)
         self.host = link.host
         self.python = python or self.host.python
@@ -171,7 +173,7 @@ class Worker:
         _, late = split_env(self.env)
         workdir = self.host.workdir or "~/.cache/sshjobs"
         config = {"cloudpickle": cloudpickle.__version__, "workdir": workdir, "slots": self.slots,
-                  "env": late}
+                  "env": late, "preload": self.preload}
         try:
             self._chan.write(WORKER.start(workdir) + protocol.pack(protocol.CONFIG, 0, pickle.dumps(config, protocol=4)))
         except (BrokenPipeError, asyncssh.Error, OSError):

@@ -129,6 +129,8 @@ def test_hostile_workdir_env_and_name_are_quoted_and_the_workdir_is_private(inv,
     r = Inventory([host]).gather(look)[0]
     assert r.ok, r.error
     assert r.value == ("$(touch /tmp/sshjobs-pwned-env) 'x\"", "1")
+    made = Inventory([host]).gather(lambda: (lambda: 1))[0]  # a result only cloudpickle pickles: it is shipped
+    assert made.ok and made.value() == 1, made.error
     assert not any(p.startswith("sshjobs-pwned") for p in os.listdir("/tmp"))
     assert workdir.is_dir()
     assert stat.S_IMODE(workdir.stat().st_mode) == 0o700

@@ -156,6 +156,23 @@ class _CaptureBytes:
         pass
 
 
+def _preload(names):
+    """Import the modules the controller named (``preload``) before HELLO, so that the first
+    jobs do not pay for them; one that cannot be imported here is reported, not fatal.  Their
+    prints go to stderr: stdout is the protocol's."""
+    errors = []
+    saved, sys.stdout = sys.stdout, sys.stderr
+    try:
+        for name in names:
+            try:
+                __import__(name)
+            except BaseException as exc:  # an import may raise anything (SystemExit too)
+                errors.append("%s: %s: %s" % (name, type(exc).__name__, exc))
+    finally:
+        sys.stdout = saved
+    return errors
+
+
 class Worker:
     def __init__(self, inp, out):
         self.inp = inp
@@ -255,6 +272,7 @@ class Worker:
             self.missing = (workdir, want)
         # the loaders below are cloudpickle 3's
         self.loads = _loader(_LIGHT if str(want).startswith("3.") else {}, self.need_cloudpickle)
+        preload_errors = _preload(config.get("preload") or ())
         hello = {
             "python": list(sys.version_info[:3]),
             "executable": sys.executable,
@@ -272,6 +290,7 @@ class Worker:
             "realpath": os.path.realpath(sys.executable),
             "prefix": os.path.realpath(sys.prefix),  # an environment's folder, when run in one
             "index_env": index_env(),
+            "preload_errors": preload_errors,
         }
         self.send(HELLO, 0, _json(hello).encode())
         save_code()  # after HELLO: the controller need not wait for it
