@@ -565,12 +565,15 @@ def inventory(inventory, limit, as_json):
     configure(logging.WARNING)
     inv = load_inventory(opts)
     if as_json:
+        from .provisioning import merge_requirements
+
         for h in inv:
             print(json.dumps({
                 "host": h.name, "address": h.address, "port": h.port or 22, "user": h.user,
                 "groups": list(h.groups), "slots": h.slots, "python": h.python, "workdir": h.workdir,
                 "identity": h.identity, "known_hosts": h.known_hosts, "host_key_checking": h.host_key_checking,
                 "connect_timeout": h.connect_timeout, "offline": h.offline,
+                "requirements": merge_requirements(h.requirements, inv.installed), "preload": list(h.preload),
                 "env": sorted(k for k, _ in h.env),  # names only: values may hold credentials
             }))
         return EXIT_OK

@@ -470,6 +470,8 @@ def _install_then_run(invfile, tmp_path):
     p = sshjobs("install", "-i", invfile, *limit, "humanize")
     assert p.returncode == 0, p.stdout + p.stderr
     assert f"Later commands with {invfile} run in this environment (humanize)" in p.stderr
+    shown = json_lines(sshjobs("inventory", "-i", invfile, "--json").stdout)
+    assert {tuple(r["requirements"]) for r in shown} == {("humanize",)}
     ran = sshjobs("run", "-i", invfile, *limit, f"{jobfile}:f", "--json")
     assert ran.returncode == 0, ran.stdout + ran.stderr
     assert [r["value"] for r in json_lines(ran.stdout)] == ["1,000", "1,000"]
