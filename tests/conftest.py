@@ -37,9 +37,17 @@ def inv(lab) -> Inventory:
 
 
 def user_processes(user: str) -> list[str]:
-    """Command lines of a lab user's processes (sshd's own session processes excluded)."""
+    """Command lines of a lab user's processes, its sshd sessions ("sshd: USER@notty", one per
+    connection left open) included: the lab's servers themselves run as root."""
     out = subprocess.run(["ps", "-u", user, "-o", "pid=,args="], capture_output=True, text=True).stdout
-    return [line.strip() for line in out.splitlines() if line.strip() and "sshd:" not in line]
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def sshd_sessions(user: str) -> list[int]:
+    """The pids of a lab user's sshd session processes ("sshd: USER@notty"): one per open
+    connection, counted from outside the controller."""
+    out = subprocess.run(["ps", "-u", user, "-o", "pid=,args="], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if "sshd:" in line and "@" in line]
 
 
 def wait_no_processes(users, timeout=5.0) -> dict[str, list[str]]:
@@ -147,10 +155,13 @@ DOCKER_NET = f"172.31.{100 + LAB_SUBNET}"
 
 @pytest.fixture(scope="session")
 def docker_engine():
-    """Skip (not error) every Docker test when no engine answers."""
+    """Skip (not error) every Docker test when no engine answers, unless the run requires
+    the engine (SSHJOBS_REQUIRE_DOCKER=1, which CI sets): then its absence fails them."""
     from sshjobs.dockerlab import engine_problem
 
     problem = engine_problem()
+    if problem and os.environ.get("SSHJOBS_REQUIRE_DOCKER") == "1":
+        pytest.fail(f"SSHJOBS_REQUIRE_DOCKER=1 but no Docker engine answers: {problem}")
     if problem:
         pytest.skip(problem)
 

@@ -13,6 +13,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import termios
 import time
 import uuid
@@ -51,6 +52,15 @@ def nap(seconds):
 
 def opaque(_=None):
     return object()
+
+def barrier(folder, n=10, limit=60.0):
+    """Wait (up to limit s) until n jobs on distinct hosts have reached this point."""
+    me = pwd.getpwuid(os.getuid()).pw_name
+    open(os.path.join(folder, me), "w").close()
+    deadline = time.monotonic() + limit
+    while len(os.listdir(folder)) < n and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return len(os.listdir(folder))
 '''
 
 
@@ -111,14 +121,22 @@ def test_map_range_returns_every_item_in_input_order(invfile, jobs):
     assert len({r["host"] for r in rows}) > 1
 
 
-def test_map_spreads_a_few_slow_jobs_over_every_host(invfile, jobs, tmp_path):
-    items = tmp_path / "naps.jsonl"
-    # 1 s each: every host is up before the first one could take a second job
-    items.write_text("1.0\n" * 10)
-    p = sshjobs("map", "-i", invfile, f"{jobs}:nap", "--args", items, "--json")
-    assert p.returncode == 0, p.stderr
-    rows = json_lines(p.stdout)
-    assert len({r["host"] for r in rows}) == 10  # one job per host, not four on the first
+def test_map_spreads_a_few_slow_jobs_over_every_host(invfile, jobs, tmp_path, root):
+    # Each job waits until 10 hosts have one running: only one job per host lets them all
+    # finish (a host taking two would keep the others waiting until the 60 s limit).
+    # Hosts are told apart by their users: the root lab's.
+    folder = tempfile.mkdtemp(prefix="sshjobs-barrier-", dir="/tmp")
+    os.chmod(folder, 0o1777)  # each lab host is its own user
+    try:
+        items = tmp_path / "folders.jsonl"
+        items.write_text((json.dumps(folder) + "\n") * 10)
+        p = sshjobs("map", "-i", invfile, f"{jobs}:barrier", "--args", items, "--json")
+        assert p.returncode == 0, p.stderr
+        rows = json_lines(p.stdout)
+        assert [r["value"] for r in rows] == [10] * 10
+        assert len({r["host"] for r in rows}) == 10  # one job per host, not four on the first
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_map_args_file_one_json_value_per_line(invfile, jobs, tmp_path):

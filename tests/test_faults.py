@@ -18,7 +18,7 @@ import pytest
 
 from sshjobs import HostLost, Inventory, Timeout
 
-from .conftest import user_processes, wait_no_processes
+from .conftest import sshd_sessions, user_processes, wait_no_processes
 
 
 def pids_alive(pids) -> list[int]:
@@ -105,7 +105,7 @@ def test_map_timeout_fails_only_the_item_that_overran(inv, faults):
         faults.expect(results, {i: i * 10 for i in range(20) if i != 7})
 
 
-def test_submit_timeout_and_cancel_kill_the_job(inv, lab, faults):
+def test_submit_timeout_kills_the_job(inv, lab, faults):
     one = inv.select("node03")
 
     async def go():
@@ -114,53 +114,84 @@ def test_submit_timeout_and_cancel_kill_the_job(inv, lab, faults):
             t0 = time.monotonic()
             r = await cluster.submit(sleeper_with_child, "301.5", "~/submit.pid", timeout=1)
             took = time.monotonic() - t0
-            pids = job_pids(lab, 2, "~/submit.pid")
+            pids = job_pids(lab, 2, "~/submit.pid")  # it did run: its pids were written
             gone = await asyncio.to_thread(wait_gone, pids + [pid])
-            fut = cluster.submit(sleeper_with_child, "301.75", "~/cancel.pid")
-            pids2 = await asyncio.to_thread(job_pids, lab, 2, "~/cancel.pid")
-            fut.cancel()
-            gone2 = await asyncio.to_thread(wait_gone, pids2)
             again = await cluster.submit(lambda: "alive")
-            return r, took, gone, gone2, again
+            return r, took, gone, again
 
-    with faults.inject("submit overruns its timeout"), faults.inject("submitted job cancelled"):
-        r, took, gone, gone2, again = asyncio.run(go())
+    with faults.inject("submit overruns its timeout"):
+        r, took, gone, again = asyncio.run(go())
         assert r.error.type == "Timeout" and took < 1 + 1.5, took
-        assert gone == [] and gone2 == []
+        assert gone == []
+        assert again.value == "alive"
+
+
+def test_cancelling_a_submitted_job_kills_it(inv, lab, faults):
+    one = inv.select("node03")
+
+    async def go():
+        async with one.connect() as cluster:
+            fut = cluster.submit(sleeper_with_child, "301.75", "~/cancel.pid")
+            pids = await asyncio.to_thread(job_pids, lab, 2, "~/cancel.pid")  # running now
+            fut.cancel()
+            gone = await asyncio.to_thread(wait_gone, pids)
+            again = await cluster.submit(lambda: "alive")
+            return gone, again
+
+    with faults.inject("submitted job cancelled"):
+        gone, again = asyncio.run(go())
+        assert gone == []
         assert again.value == "alive"
 
 
 # -- cancellation -------------------------------------------------------------------
-def test_cancelling_gather_and_map_kills_remote_jobs_and_leaves_nothing(inv, lab, faults):
-    three = inv.select("node04,node05,node06")
+def hang_marked(x=None):
+    """A job that starts a child, says so in ~/hang.pids (one line per job), then hangs."""
+    import os
+    import subprocess
+    import time
 
-    def hang(x=None):
-        import subprocess
-        import time
-        subprocess.Popen(["sleep", "302.5"])
-        time.sleep(600)
+    child = subprocess.Popen(["sleep", "302.5"])
+    with open(os.path.expanduser("~/hang.pids"), "a") as f:
+        f.write(f"{os.getpid()} {child.pid}\n")
+    time.sleep(600)
+
+
+def running_hangs(lab, indices, timeout=20.0) -> list[int]:
+    """Wait until every host in indices has a hang_marked job running; its pids (files removed)."""
+    paths = [lab.home(i) / "hang.pids" for i in indices]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(p.exists() and p.read_text().strip() for p in paths):
+            pids = [int(x) for p in paths for x in p.read_text().split()]
+            for p in paths:
+                p.unlink()
+            return pids
+        time.sleep(0.05)
+    raise AssertionError("the jobs did not start on every host")
+
+
+@pytest.mark.parametrize("how", ["gather", "map"])
+def test_cancelling_gather_and_map_kills_remote_jobs_and_leaves_nothing(inv, lab, faults, how):
+    three = inv.select("node04,node05,node06")
+    for i in (3, 4, 5):
+        (lab.home(i) / "hang.pids").unlink(missing_ok=True)
 
     async def go():
         async with three.connect() as cluster:
-            task = asyncio.create_task(cluster.gather(hang))
-            await asyncio.sleep(1.5)
+            work = cluster.gather(hang_marked) if how == "gather" else cluster.map(hang_marked, range(6))
+            task = asyncio.create_task(work)
+            pids = await asyncio.to_thread(running_hangs, lab, (3, 4, 5))  # running on all three
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
-            users = [h.user for h in three]
-            left_gather = await asyncio.to_thread(wait_procs, users, "302.5")
-            task = asyncio.create_task(cluster.map(hang, range(6)))
-            await asyncio.sleep(1.5)
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-            left_map = await asyncio.to_thread(wait_procs, users, "302.5")
+            left = await asyncio.to_thread(wait_gone, pids)
             still = await cluster.gather(lambda: "usable")
-            return left_gather, left_map, still
+            return pids, left, still
 
-    with faults.inject("gather cancelled mid-job"), faults.inject("map cancelled mid-job"):
-        left_gather, left_map, still = asyncio.run(go())
-        assert left_gather == {} and left_map == {}
+    with faults.inject(f"{how} cancelled mid-job"):
+        pids, left, still = asyncio.run(go())
+        assert len(pids) == 6 and left == []  # each job and its child
         faults.expect(still, {0: "usable", 1: "usable", 2: "usable"})
         assert wait_no_processes([h.user for h in three]) == {}
 
@@ -176,12 +207,6 @@ def wait_procs(users, marker, timeout=2.0):
 
 
 # -- lost and hung hosts --------------------------------------------------------------
-def session_pids(user: str) -> list[int]:
-    """The lab user's own sshd session processes ("sshd: USER@notty"): its connections."""
-    out = subprocess.run(["ps", "-u", user, "-o", "pid=,args="], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines() if "sshd:" in line and "@" in line]
-
-
 def all_pids(user: str) -> list[int]:
     out = subprocess.run(["ps", "-u", user, "-o", "pid="], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
@@ -209,7 +234,7 @@ def test_host_lost_mid_job_fails_with_hostlost_and_others_return(inv, lab, fault
             task = asyncio.create_task(cluster.gather(sleep_if_user, victim))
             await asyncio.sleep(1.0)
             t0 = time.monotonic()
-            for pid in session_pids(victim):
+            for pid in sshd_sessions(victim):
                 os.kill(pid, signal.SIGKILL)  # the connection drops as if the host went away
             results = await task
             return results, time.monotonic() - t0
@@ -237,7 +262,7 @@ def test_map_retries_run_lost_jobs_on_other_hosts_and_keep_received_results(inv,
         async with hosts.connect() as cluster:
             async def killer():
                 await asyncio.sleep(1.0)
-                for pid in session_pids(victim):
+                for pid in sshd_sessions(victim):
                     os.kill(pid, signal.SIGKILL)
             k = asyncio.create_task(killer())
             results = await cluster.map(slow_square, range(60), retries=1, chunksize=2)
@@ -305,14 +330,14 @@ def test_worker_dying_under_a_job_fails_that_job_and_the_map_goes_on(inv, faults
             after = {r.value for r in await cluster.gather(os.getpid)}
             return pids, results, after
 
-    with faults.inject("worker os._exit under a job"), faults.inject("worker segfault under a job"), \
-            faults.inject("worker SIGKILLed (OOM) under a job"):
-        pids, results, after = asyncio.run(go())
-        assert results[3].error.type == "WorkerLost" and "exit status 7" in results[3].error.message
-        assert results[11].error.type == "WorkerLost" and "signal SEGV" in results[11].error.message
-        assert results[19].error.type == "WorkerLost" and "signal KILL" in results[19].error.message
-        faults.expect(results, {i: i + 1 for i in range(30) if i not in (3, 11, 19)})
-        assert len(after) == 3 and after != pids  # new workers took the slots
+    pids, results, after = asyncio.run(go())  # three faults in one map, each checked on its own
+    for what, index, reason in [("worker os._exit under a job", 3, "exit status 7"),
+                                ("worker segfault under a job", 11, "signal SEGV"),
+                                ("worker SIGKILLed (OOM) under a job", 19, "signal KILL")]:
+        with faults.inject(what):
+            assert results[index].error.type == "WorkerLost" and reason in results[index].error.message
+    faults.expect(results, {i: i + 1 for i in range(30) if i not in (3, 11, 19)})
+    assert len(after) == 3 and after != pids  # new workers took the slots
 
 
 # -- big data and floods of output, memory measured in a process of its own --------------
@@ -511,6 +536,40 @@ def test_ctrl_c_in_a_sync_call_stops_remote_jobs_and_raises_keyboardinterrupt(la
             assert "interrupted" in out
             assert wait_procs(users, "304.5", timeout=3) == {}
             assert wait_no_processes(users) == {}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+KILLED = textwrap.dedent('''
+    import sys
+    from sshjobs import Inventory
+
+    def hang():
+        import subprocess, time
+        subprocess.Popen(["sleep", "304.75"])
+        time.sleep(600)
+
+    Inventory.load(sys.argv[1]).select(sys.argv[2]).gather(hang)
+''')
+
+
+def test_controller_killed_with_sigkill_leaves_the_hosts_clean(lab, faults):
+    """No cleanup code runs in a SIGKILLed controller: the hosts must clean up by themselves
+    (the TCP connection closes, sshd closes the workers' stdin, the workers end their jobs)."""
+    users = [lab.hosts[i].user for i in (2, 3)]
+    proc = subprocess.Popen([sys.executable, "-c", KILLED, str(lab.inventory_path), "node03,node04"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not all(wait_procs([u], "304.75", timeout=0) for u in users):
+            assert proc.poll() is None and time.monotonic() < deadline, "the jobs did not start"
+            time.sleep(0.1)
+        with faults.inject("controller killed with SIGKILL mid-job"):
+            proc.kill()
+            proc.wait(timeout=5)
+            assert wait_procs(users, "304.75", timeout=5) == {}
+            assert wait_no_processes(users, timeout=5) == {}  # no worker, no child, no sshd session
     finally:
         if proc.poll() is None:
             proc.kill()
