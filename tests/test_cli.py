@@ -64,11 +64,11 @@ def barrier(folder, n=10, limit=60.0):
 '''
 
 
-def sshjobs(*args, env=None, timeout=180, cwd=None) -> subprocess.CompletedProcess:
+def sshjobs(*args, env=None, timeout=180, cwd=None, input=None) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if k != "SSHJOBS_INVENTORY"}
     full_env.update(env or {})
     proc = subprocess.run([sys.executable, "-m", "sshjobs", *map(str, args)], capture_output=True, text=True,
-                          env=full_env, timeout=timeout, cwd=cwd or ROOT)
+                          env=full_env, timeout=timeout, cwd=cwd or ROOT, input=input)
     return proc
 
 
@@ -502,6 +502,65 @@ def _install_then_run(invfile, tmp_path):
     assert forgot.returncode == 0 and "forgot humanize" in forgot.stderr
     after = sshjobs("run", "-i", invfile, *limit, f"{jobfile}:f", "--json")
     assert after.returncode == 1 and "ModuleNotFoundError" in after.stdout
+
+
+FLAKY = """
+import os
+
+def version(_=None):
+    import iniconfig
+    return iniconfig.__name__, os.path.dirname(os.path.dirname(iniconfig.__file__))
+
+def flaky(item):
+    folder, x = item
+    mark = os.path.join(folder, str(x))
+    if not os.path.exists(mark):  # the first attempt at each item loses its worker
+        open(mark, "w").close()
+        os._exit(3)
+    return x * 10
+"""
+
+
+def test_run_install_offline_retries_and_args_from_stdin(lab, tmp_path, root):
+    invfile = lab.write_inventory(tmp_path / "hosts.toml")
+    workdir = f".cache/sshjobs-{uuid.uuid4().hex[:8]}"  # hosts that have no environment yet
+    invfile.write_text(invfile.read_text().replace('workdir = "~/.cache/sshjobs"', f'workdir = "~/{workdir}"'))
+    jobfile = tmp_path / "flaky.py"
+    jobfile.write_text(FLAKY)
+    folder = tempfile.mkdtemp(prefix="sshjobs-flaky-", dir="/tmp")
+    os.chmod(folder, 0o1777)  # shared by the hosts' users: a retry elsewhere sees the mark
+    try:
+        # --install: installed first, then the job runs in that environment
+        p = sshjobs("run", "-i", invfile, "--limit", "node05", "--install", "iniconfig", f"{jobfile}:version", "--json")
+        assert p.returncode == 0, p.stdout + p.stderr
+        (row,) = json_lines(p.stdout)
+        assert row["value"][0] == "iniconfig" and f"/{workdir}/envs/" in row["value"][1]
+        # --offline: wheels downloaded here, uploaded, installed with no index
+        p = sshjobs("run", "-i", invfile, "--limit", "node06", "--offline", "--install", "iniconfig",
+                    f"{jobfile}:version", "--json")
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert json_lines(p.stdout)[0]["value"][0] == "iniconfig"
+        assert any(w.name.startswith("iniconfig-") for w in (lab.home(5) / workdir / "wheels").iterdir())
+        # --args - reads the items from stdin; --retries 1 runs each lost item again
+        items = "".join(json.dumps([folder, x]) + "\n" for x in range(4))
+        p = sshjobs("map", "-i", invfile, "--limit", "node05,node06", f"{jobfile}:flaky", "--args", "-",
+                    "--retries", "1", "--json", input=items)
+        assert p.returncode == 0, p.stdout + p.stderr
+        rows = json_lines(p.stdout)
+        # every item's first run lost its worker, so a value is a run again
+        assert [r["value"] for r in rows] == [x * 10 for x in range(4)]
+        assert sorted(os.listdir(folder)) == ["0", "1", "2", "3"] and max(r["attempts"] for r in rows) == 2
+        shutil.rmtree(folder)
+        os.mkdir(folder)
+        os.chmod(folder, 0o1777)
+        p = sshjobs("map", "-i", invfile, "--limit", "node05,node06", f"{jobfile}:flaky", "--args", "-",
+                    "--json", input=items)
+        assert p.returncode == 1
+        assert not all(r["ok"] for r in json_lines(p.stdout))  # no retries: the items that lost their worker fail
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        for i in range(len(lab.hosts)):
+            shutil.rmtree(lab.home(i) / workdir, ignore_errors=True)
 
 
 def test_env_list_and_prune(lab, tmp_path):

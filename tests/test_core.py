@@ -7,11 +7,13 @@ import os
 import socket
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 
 from sshjobs import Inventory, RemoteError
 from sshjobs.inventory import Host
+from sshjobs.lab import Lab
 
 from .conftest import sshd_sessions, user_processes, wait_no_processes
 
@@ -298,3 +300,31 @@ def test_one_executor_thread_only_when_no_host_needs_a_lookup():
 
     assert asyncio.run(threads_for(["127.0.0.1", "::1"])) == 1
     assert asyncio.run(threads_for(["127.0.0.1", "db.example"])) > 1
+
+
+def test_blas_threads_are_the_hosts_cores_shared_by_its_slots(tmp_path, root):
+    """A host whose sshd sets no BLAS variables (the lab's do): each worker gets
+    cores // slots threads, slots = "auto" is one worker per core, an inventory env wins."""
+    from .conftest import LAB_SUBNET
+
+    lab = Lab(1, tmp_path / "lab", subnet=LAB_SUBNET, prefix=f"sshjobs-t{LAB_SUBNET}b-", offset=230,
+              sshd_options={"SetEnv": "SSHJOBS_TEST=1"}).up()
+    try:
+        host = Inventory.load(lab.inventory_path).hosts[0]
+        cores = os.cpu_count()
+
+        def seen(h):
+            def threads(_):
+                import os
+                return os.getpid(), os.environ.get("OPENBLAS_NUM_THREADS"), os.environ.get("OMP_NUM_THREADS")
+            return Inventory([h]).map(threads, range(40), chunksize=1)
+
+        one = seen(replace(host, slots=1))
+        assert {r.value[1:] for r in one} == {(str(cores), str(cores))}
+        auto = seen(replace(host, slots="auto"))
+        assert {r.value[1:] for r in auto} == {("1", "1")}
+        assert len({r.value[0] for r in auto}) <= cores
+        told = seen(replace(host, slots=2, env=(("OPENBLAS_NUM_THREADS", "3"),)))
+        assert {r.value[1:] for r in told} == {("3", str(max(1, cores // 2)))}
+    finally:
+        lab.down()

@@ -501,6 +501,39 @@ def test_uv_from_pip_and_plain_venv_fallbacks(lab, workdir):
     assert inv.select("node02").gather(tool, requirements=["six", "pyflakes"])[0].value == 0
 
 
+@pytest.fixture
+def noexec_workdir(lab, root):
+    """Host 3's workdir on a tmpfs mounted noexec (as on hardened hosts): binaries put there,
+    the uploaded uv and pip's uv, cannot run; a venv's python links to the system's."""
+    tag = uuid.uuid4().hex[:8]
+    path = lab.home(3) / ".cache" / f"sshjobs-noexec-{tag}"
+    path.mkdir(parents=True)
+    user = lab.hosts[3].user
+    ids = subprocess.run(["id", "-u", user], capture_output=True, text=True).stdout.strip(), \
+        subprocess.run(["id", "-g", user], capture_output=True, text=True).stdout.strip()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"noexec,size=300m,mode=0700,uid={ids[0]},gid={ids[1]}",
+                    "tmpfs", str(path)], check=True)
+    try:
+        yield f"~/.cache/{path.name}"
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_uv_fallbacks_happen_by_themselves(lab, noexec_workdir):
+    """No way forced: uv is uploaded, cannot run there, pip's uv cannot either, so the
+    environment is built with venv + pip, and the job runs in it."""
+    host = Inventory.load(lab.inventory_path).hosts[3]
+    inv = Inventory([replace(host, workdir=noexec_workdir)])
+    events = []
+    results = inv.install(["six"], on_event=lambda h, e, info: events.append(e))
+    assert results[0].ok, results[0].error
+    assert results[0].value["uv"] == "venv-pip"
+    assert "uploading-uv" in events  # the upload was tried first, by itself
+    assert inv.gather(lambda: __import__("six").__name__)[0].value == "six"
+
+
 def run_install(inv, reqs, **kw):
     return inv.install(reqs, **kw)
 

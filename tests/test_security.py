@@ -192,6 +192,28 @@ def test_safe_results_from_the_inventory(inv, tmp_path):
     assert Inventory([host]).gather(lambda: [1, "two"])[0].value == [1, "two"]
 
 
+def test_safe_results_can_only_tighten(inv, tmp_path):
+    """safe_results=False on a call does not loosen what the inventory or the Cluster asked."""
+    strict_host = Inventory([replace(inv.hosts[6], safe_results=True)])
+    target = tmp_path / "pwned"
+    sneaky = lambda p: Sneaky(p)  # noqa: E731
+    assert strict_host.gather(sneaky, str(target), safe_results=False)[0].error.type == "UnsafeResult"
+    assert strict_host.map(sneaky, [str(target)], safe_results=False)[0].error.type == "UnsafeResult"
+
+    async def go():
+        async with inv.select("node07").connect(safe_results=True) as cluster:
+            return [await cluster.submit(sneaky, str(target), safe_results=False),
+                    (await cluster.gather(sneaky, str(target), safe_results=False))[0],
+                    (await cluster.map(sneaky, [str(target)], safe_results=False))[0]]
+
+    assert [r.error.type for r in asyncio.run(go())] == ["UnsafeResult"] * 3
+    assert not target.exists()
+    # a list on the call adds names to what is allowed, on top of the Cluster's setting
+    allowed = strict_host.gather(lambda: __import__("pathlib").PurePosixPath("/etc"),
+                                 safe_results=["pathlib.PurePosixPath"])[0]
+    assert str(allowed.value) == "/etc"
+
+
 def test_safe_loader_accepts_numpy_arrays_and_dtypes_and_refuses_the_rest():
     np = pytest.importorskip("numpy")
     loads = make_loads()
