@@ -329,6 +329,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     only = set(filter(None, args.only.split(","))) or {"cold", "warm", "scale", "install", "cli_start", "contact"}
 
+    # The figures' new processes start as an installed sshjobs does, from .pyc files: caching
+    # on (a developer's PYTHONDONTWRITEBYTECODE would make every one compile sshjobs again).
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    import compileall
+
+    compileall.compile_dir(str(ROOT / "sshjobs"), quiet=1)
+
     from sshjobs import Inventory
     from sshjobs.lab import Lab
 
