@@ -579,20 +579,25 @@ def inventory(ctx, inventory, limit, as_json, ansible, ssh_pattern, ssh_config):
         raise click.UsageError("give one of --from-ansible and --from-ssh-config")
     if (ansible or ssh_pattern) and ctx.get_parameter_source("inventory") == click.core.ParameterSource.COMMANDLINE:
         raise click.UsageError("-i FILE and --from-* each name the inventory: give one")
-    if ansible or ssh_pattern:
-        from .api import Inventory
+    # BaseInventory (parsing only): nothing here needs SSH, so asyncssh is not imported,
+    # except by ~/.ssh/config's parser when there is one to read
+    from .inventory import BaseInventory
 
+    if ansible or ssh_pattern:
         if ansible:
-            inv, what = Inventory.from_ansible(ansible), f"the Ansible inventory {ansible}"
+            inv, what = BaseInventory.from_ansible(ansible), f"the Ansible inventory {ansible}"
         else:
-            inv, what = Inventory.from_ssh_config(ssh_pattern, ssh_config), f"{ssh_config}, Host {ssh_pattern}"
+            inv, what = BaseInventory.from_ssh_config(ssh_pattern, ssh_config), f"{ssh_config}, Host {ssh_pattern}"
         inv = inv.select(limit) if limit else inv
         if not as_json:
             notes = "".join(f"\n{note}" for note in inv.notes)
             sys.stdout.write(inv.to_toml(f"sshjobs inventory: the hosts of {what}{notes}"))
             return EXIT_OK
     else:
-        inv = load_inventory(opts)
+        path = inventory_path(opts)
+        inv = BaseInventory.load(path)
+        inv.installed = recorded_installs(path)  # as load_inventory: what `sshjobs install` recorded
+        inv = inv.select(limit) if limit else inv
     reached = [h.resolved for h in inv]
     if as_json:
         from .provisioning import merge_requirements

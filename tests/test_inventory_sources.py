@@ -279,7 +279,7 @@ def test_from_ssh_config_on_the_command_line_prints_toml_that_loads_back_and_run
     only = sshjobs("inventory", "--from-ssh-config", "inn*", "--json", env=env)
     assert [json.loads(line)["host"] for line in only.stdout.splitlines()] == ["inner"], only.stderr
     other = sshjobs("inventory", "--from-ssh-config", "plain", "--ssh-config", config, env={"HOME": str(tmp_path)})
-    assert tomllib.loads(other.stdout)["hosts"]["plain"]["ssh_config"] == str(config), other.stderr
+    assert tomllib.loads(other.stdout)["defaults"]["ssh_config"] == str(config), other.stderr  # every host's
     ran = sshjobs("run", "-i", saved, "--limit", "inner", f"{jobs_file}:whoami", "--json", env=env)
     assert ran.returncode == 0, ran.stdout + ran.stderr
     assert json.loads(ran.stdout)["value"] == lab.hosts[1].user
