@@ -564,9 +564,12 @@ async def _exec_one(host, line: str, timeout: float | None, sem: asyncio.Semapho
 def inventory(ctx, inventory, limit, as_json, ansible, ssh_pattern, ssh_config):
     """Show the hosts as a connection reaches them (nothing is contacted), or convert.
 
-    The table shows each host's address, user and port as ~/.ssh/config resolves them for
-    what the inventory leaves unset. --from-ansible FILE and --from-ssh-config [PATTERN]
-    print an equivalent TOML inventory instead (save it as hosts.toml); --limit applies.
+    The table shows each host's address, user and port as ~/.ssh/config resolves them
+    where the inventory leaves them unset, else the local user and port 22.
+
+    \b
+    --from-ansible FILE, --from-ssh-config [PATTERN]: print those hosts as a
+    TOML inventory instead (save it as hosts.toml); --limit applies.
     """
     import logging
 
