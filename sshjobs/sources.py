@@ -60,7 +60,7 @@ def ssh_options(address: str, user: str | None = None, port: int | None = None,
     except (OSError, ConfigParseError) as exc:
         raise InventoryError(f"{paths[0]}: cannot read the ssh config: {exc}") from None
     return {key: config.get(key) for key in ("Hostname", "User", "Port", "IdentityFile", "ProxyJump",
-                                             "UserKnownHostsFile") if config.get(key) is not None}
+                                             "UserKnownHostsFile", "ProxyCommand") if config.get(key) is not None}
 
 
 def ssh_config_aliases(path: Path, _seen: set | None = None) -> list[str]:
@@ -133,6 +133,8 @@ def read_ssh_config(pattern: str = "*", path: str | os.PathLike = DEFAULT_SSH_CO
             table["known_hosts"] = os.path.expanduser(known[0])
         if explicit:
             table["ssh_config"] = str(config)
+        if opts.get("ProxyCommand") and "proxy_jump" not in table:
+            notes.append(f"{alias}: its ProxyCommand is not carried over (proxy_jump is): it is reached directly")
         key = (table.get("user"), table["address"], table.get("port"), table.get("proxy_jump"))
         if key in reached:  # `Host a b`: two names for one host
             notes.append(f"{alias}: the same host as {reached[key]}, left out")
@@ -532,6 +534,8 @@ def _host_tables(path: Path, groups: dict, hostvars: dict, order: list[str]) -> 
         args = _ssh_args(" ".join(str(var(k) or "") for k in ("ansible_ssh_common_args", "ansible_ssh_extra_args")))
         if args.get("proxyjump") and args["proxyjump"].lower() != "none":
             table["proxy_jump"] = args["proxyjump"]
+        elif args.get("proxycommand"):
+            notes.append(f"{name}: its ProxyCommand is not carried over (-J/ProxyJump is): it is reached directly")
         if args.get("userknownhostsfile"):
             table["known_hosts"] = args["userknownhostsfile"].split()[0]
         checking = args.get("stricthostkeychecking", "").lower()

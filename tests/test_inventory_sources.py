@@ -183,6 +183,18 @@ def test_from_ssh_config_resolves_each_host_entry_as_openssh_does(lab, tmp_path)
         Inventory.from_ssh_config(path=tmp_path / "missing")
 
 
+def test_from_ssh_config_says_what_it_leaves_out(tmp_path):
+    config = tmp_path / "config"
+    config.write_text(f"Include {tmp_path / 'more.conf'}\nHost one two\n    HostName 10.0.0.1\n"
+                      "Host proxied\n    HostName 10.0.0.2\n    ProxyCommand ssh -W %h:%p gate\n")
+    (tmp_path / "more.conf").write_text("Host included\n    HostName 10.0.0.3\n    User inc\n")
+    inv = Inventory.from_ssh_config(path=config)
+    assert [(h.name, h.address, h.user) for h in inv] == [("included", "10.0.0.3", "inc"), ("one", "10.0.0.1", None),
+                                                          ("proxied", "10.0.0.2", None)]
+    assert inv.notes == ["two: the same host as one, left out",
+                         "proxied: its ProxyCommand is not carried over (proxy_jump is): it is reached directly"]
+
+
 def owner_of_local_port(port: int) -> str:
     """The process (name, pid) that holds 127.0.0.1:<port> (ss, as root)."""
     out = subprocess.run(["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],
@@ -402,9 +414,12 @@ def test_from_ansible_errors_name_the_file_and_the_line(tmp_path):
     with pytest.raises(InventoryError, match="Ansible inventory not found"):
         Inventory.from_ansible(tmp_path / "none.ini")
     local = tmp_path / "local.ini"
-    local.write_text("localhost ansible_connection=local\nweb\n")
+    local.write_text("localhost ansible_connection=local\nweb\n"
+                     "gated ansible_ssh_common_args='-o ProxyCommand=\"ssh -W %h:%p gate\"'\n")
     inv = Inventory.from_ansible(local, reader="builtin")
-    assert [h.name for h in inv] == ["web"] and inv.notes == ["localhost: ansible_connection=local is not SSH, left out"]
+    assert [h.name for h in inv] == ["web", "gated"]
+    assert inv.notes == ["localhost: ansible_connection=local is not SSH, left out",
+                         "gated: its ProxyCommand is not carried over (-J/ProxyJump is): it is reached directly"]
 
 
 def lab_ansible_inventory(lab, path: Path) -> Path:
