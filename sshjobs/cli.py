@@ -62,7 +62,7 @@ class Options:
 
 def _inventory_options(f):
     f = click.option("--limit", "-l", metavar="SELECTION",
-                     help="Only these hosts: names, globs or groups, comma-separated (node0*,gpu).")(f)
+                     help="Only these hosts: names, node sets, globs or groups, comma-separated (node[01-03,07],node0*,gpu).")(f)
     f = click.option("-i", "--inventory", metavar="FILE", envvar="SSHJOBS_INVENTORY", show_envvar=True,
                      help=f"The inventory (TOML). Default: $SSHJOBS_INVENTORY, then ./{DEFAULT_INVENTORY}.")(f)
     return f
@@ -554,8 +554,23 @@ async def _exec_one(host, line: str, timeout: float | None, sem: asyncio.Semapho
 @cli.command()
 @_inventory_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per host on stdout.")
-def inventory(inventory, limit, as_json):
-    """Show the parsed hosts (nothing is contacted)."""
+@click.option("--from-ansible", "ansible", metavar="FILE",
+              help="Read an Ansible inventory (INI, YAML; any source with ansible-core installed) and print it as TOML.")
+@click.option("--from-ssh-config", "ssh_pattern", metavar="PATTERN", is_flag=False, flag_value="*",
+              help="Read the Host entries of ~/.ssh/config matching PATTERN (default *) and print them as TOML.")
+@click.option("--ssh-config", "ssh_config", metavar="FILE", default="~/.ssh/config", show_default=True,
+              help="The ssh_config file --from-ssh-config reads.")
+@click.pass_context
+def inventory(ctx, inventory, limit, as_json, ansible, ssh_pattern, ssh_config):
+    """Show the hosts as a connection reaches them (nothing is contacted), or convert.
+
+    The table shows each host's address, user and port as ~/.ssh/config resolves them
+    where the inventory leaves them unset, else the local user and port 22.
+
+    \b
+    --from-ansible FILE, --from-ssh-config [PATTERN]: print those hosts as a
+    TOML inventory instead (save it as hosts.toml); --limit applies.
+    """
     import logging
 
     from .display import print_table
@@ -563,23 +578,50 @@ def inventory(inventory, limit, as_json):
 
     opts = Options(inventory=inventory, limit=limit, as_json=as_json)
     configure(logging.WARNING)
-    inv = load_inventory(opts)
+    if ansible and ssh_pattern:
+        raise click.UsageError("give one of --from-ansible and --from-ssh-config")
+    if (ansible or ssh_pattern) and ctx.get_parameter_source("inventory") == click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError("-i FILE and --from-* each name the inventory: give one")
+    # BaseInventory (parsing only): nothing here needs SSH, so asyncssh is not imported,
+    # except by ~/.ssh/config's parser when there is one to read
+    from .inventory import BaseInventory
+
+    if ansible or ssh_pattern:
+        if ansible:
+            inv, what = BaseInventory.from_ansible(ansible), f"the Ansible inventory {ansible}"
+        else:
+            inv, what = BaseInventory.from_ssh_config(ssh_pattern, ssh_config), f"{ssh_config}, Host {ssh_pattern}"
+        inv = inv.select(limit) if limit else inv
+        if not as_json:
+            notes = "".join(f"\n{note}" for note in inv.notes)
+            sys.stdout.write(inv.to_toml(f"sshjobs inventory: the hosts of {what}{notes}"))
+            return EXIT_OK
+    else:
+        path = inventory_path(opts)
+        inv = BaseInventory.load(path)
+        inv.installed = recorded_installs(path)  # as load_inventory: what `sshjobs install` recorded
+        inv = inv.select(limit) if limit else inv
+    reached = [h.resolved for h in inv]
     if as_json:
         from .provisioning import merge_requirements
 
-        for h in inv:
+        for h, r in zip(inv, reached):
             print(json.dumps({
-                "host": h.name, "address": h.address, "port": h.port or 22, "user": h.user,
+                "host": h.name, "address": r.address, "port": r.port, "user": r.user, "proxy_jump": r.proxy_jump,
                 "groups": list(h.groups), "slots": h.slots, "python": h.python, "workdir": h.workdir,
-                "identity": h.identity, "known_hosts": h.known_hosts, "host_key_checking": h.host_key_checking,
+                "identity": r.identity, "known_hosts": r.known_hosts, "host_key_checking": h.host_key_checking,
                 "connect_timeout": h.connect_timeout, "offline": h.offline,
                 "requirements": merge_requirements(h.requirements, inv.installed), "preload": list(h.preload),
                 "env": sorted(k for k, _ in h.env),  # names only: values may hold credentials
             }))
         return EXIT_OK
     headers = ["host", "address", "port", "user", "groups", "slots", "python", "workdir", "env"]
-    rows = [[h.name, h.address, str(h.port or 22), h.user or "-", ",".join(h.groups) or "-", str(h.slots),
-             h.python, h.workdir, ",".join(k for k, _ in h.env) or "-"] for h in inv]
+    rows = [[h.name, r.address, str(r.port), r.user, ",".join(h.groups) or "-", str(h.slots),
+             h.python, h.workdir, ",".join(k for k, _ in h.env) or "-"] for h, r in zip(inv, reached)]
+    if any(r.proxy_jump for r in reached):
+        headers.append("via")
+        for row, r in zip(rows, reached):
+            row.append(r.proxy_jump or "-")
     print_table(headers, rows, opts.console())
     return EXIT_OK
 

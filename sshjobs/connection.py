@@ -7,13 +7,13 @@ import os
 import random
 import shlex
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import asyncssh
 
-from .errors import (AuthenticationError, ConnectError, ConnectFailed, ConnectionRefused, ConnectTimeout,
+from .errors import (AuthenticationError, ConfigError, ConnectError, ConnectFailed, ConnectionRefused, ConnectTimeout,
                      HostKeyError, HostNameError)
-from .inventory import Host
+from .inventory import Host, local_user
 from .log import get_logger
 
 log = get_logger("sshjobs.connection")
@@ -56,11 +56,15 @@ def connect_options(host: Host) -> dict:
         opts["port"] = host.port
     if host.identity:
         opts["client_keys"] = [host.identity]
+    if host.proxy_jump:
+        opts["tunnel"] = host.proxy_jump  # asyncssh connects each hop, resolving it through the ssh config
+    if host.ssh_config:
+        opts["config"] = [host.ssh_config]
     if host.host_key_checking is False:
         opts["known_hosts"] = None
     elif host.known_hosts:
         opts["known_hosts"] = parsed_known_hosts(host.known_hosts)
-    elif not os.path.exists(os.path.expanduser("~/.ssh/config")):
+    elif not host.ssh_config and not os.path.exists(os.path.expanduser("~/.ssh/config")):
         # what asyncssh would read (with an ssh config, UserKnownHostsFile may say otherwise)
         default = os.path.expanduser("~/.ssh/known_hosts")
         if os.path.isfile(default) and os.access(default, os.R_OK):
@@ -94,13 +98,23 @@ def parsed_known_hosts(path: str):
 
 
 def known_hosts_path(host: Host) -> str:
-    return host.known_hosts or os.path.expanduser("~/.ssh/known_hosts")
+    return host.known_hosts or _resolved(host).known_hosts or os.path.expanduser("~/.ssh/known_hosts")
 
 
 def known_host_entry(host: Host) -> str:
-    """The known_hosts name of a host: ``addr`` on port 22, ``[addr]:port`` otherwise."""
-    port = host.port or 22
-    return host.address if port == 22 else f"[{host.address}]:{port}"
+    """The known_hosts name of a host as asyncssh matches it (an alias's HostName and Port):
+    ``addr`` on port 22, ``[addr]:port`` otherwise."""
+    r = _resolved(host)
+    return r.address if r.port == 22 else f"[{r.address}]:{r.port}"
+
+
+def _resolved(host: Host) -> Host:
+    """The host as the ssh config resolves it; as written when the config cannot be read
+    (the connect itself then reports that)."""
+    try:
+        return host.resolved
+    except ConfigError:
+        return replace(host, user=host.user or local_user(), port=host.port or 22)
 
 
 class _AcceptNewClient(asyncssh.SSHClient):
@@ -150,14 +164,15 @@ def record_host_key(host: Host, key: asyncssh.SSHKey) -> None:
 
 
 def describe_error(host: Host, exc: BaseException) -> ConnectError:
-    """One clear sentence per way a connect fails; never includes secrets."""
-    target = host.target
+    """One clear sentence per way a connect fails, naming the host as the connection reached
+    for it (an ssh_config alias's user@HostName:Port, and the jump hosts); never secrets."""
+    resolved = _resolved(host)
+    target = host.target + (f" via {resolved.proxy_jump}" if resolved.proxy_jump else "")
     if isinstance(exc, asyncssh.HostKeyNotVerifiable):
-        kh = host.known_hosts or "~/.ssh/known_hosts"
+        kh = resolved.known_hosts or "~/.ssh/known_hosts"
         return HostKeyError(f"{target}: host key not verified against {kh}: {exc.reason}")
     if isinstance(exc, asyncssh.PermissionDenied):
-        who = host.user or "the default user"
-        return AuthenticationError(f"{target}: authentication failed for {who}: {exc.reason}")
+        return AuthenticationError(f"{target}: authentication failed for {resolved.user}: {exc.reason}")
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return ConnectTimeout(f"{target}: no SSH connection within {host.connect_timeout:g}s")
     if isinstance(exc, ConnectionRefusedError):

@@ -14,6 +14,7 @@ FLOORS = [
     "version", "sshimport", "errors", "log", "result", "events",  # the ground floor
     "remote",                                              # the remote half (stdlib only)
     "safe",                                                # the restricted unpickler
+    "sources",                                             # inventories users have (ssh_config, Ansible)
     "inventory", "connection", "worker", "hosts",          # the data path, in order
     "provisioning", "scheduler", "api",
     "display", "lab", "dockerlab", "cli",                  # the faces, the lab beside
