@@ -7,11 +7,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import ipaddress
+import math
+import numbers
+import signal
+import threading
 from os import PathLike
 from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
 from . import provisioning, safe
-from .errors import HostError, NoHosts, PicklingError
+from .errors import ClusterClosed, ConfigError, HostError, NoHosts, PicklingError
 from .events import Callback, Events
 from .hosts import HostState
 from .inventory import BaseInventory
@@ -37,6 +41,11 @@ class Cluster:
     where missing; the workers start straight in it where it exists.  ``preload``: modules
     every worker imports as it starts, before the first job (with each host's inventory
     ``preload``); one that does not import there is skipped (logged at INFO).
+
+    A Cluster lives on the event loop of its first call (one ``asyncio.run``); once closed,
+    or called from another loop, its methods raise ``ClusterClosed``.  Arguments are checked
+    before anything is contacted: a wrong type raises TypeError, a value out of range
+    ``ConfigError`` (a ValueError).
     """
 
     def __init__(self, inventory: BaseInventory, *, connect_concurrency: int = 64,
@@ -44,6 +53,8 @@ class Cluster:
                  on_event: Callback | None = None, offline: bool | None = None,
                  safe_results: bool | Iterable[str] | None = None,
                  requirements: str | PathLike | Iterable[str] | None = None, preload: Iterable[str] = ()):
+        connect_concurrency = _count("connect_concurrency", connect_concurrency, 1)
+        start_timeout = _seconds("start_timeout", start_timeout)
         self.inventory = inventory
         self.events = Events(on_event)
         # safe_results (API or inventory): results decoded by the restricted unpickler.
@@ -61,6 +72,7 @@ class Cluster:
         self._closed = False
         self._slots_task: asyncio.Task | None = None
         self._start_task: asyncio.Future | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop of the first call
 
     @property
     def on_event(self) -> Callback | None:
@@ -72,10 +84,14 @@ class Cluster:
 
     @property
     def hosts(self) -> list[HostState]:
+        if self._loop is not None and self._loop.is_closed() and not self._closed:
+            for state in self.states:  # its event loop ended, and its connections with it
+                state.closed = True
         return self.states
 
     # -- lifecycle ----------------------------------------------------------------
     async def __aenter__(self) -> "Cluster":
+        self._check_open()
         await self.start()
         return self
 
@@ -86,6 +102,7 @@ class Cluster:
         """Connect to every host (bounded concurrency) and start one worker on each, in the
         Cluster's environment where it has one (installed where missing; a host whose install
         fails has failed); returns when every host is up or has failed (``async with``)."""
+        self._check_loop()
         await self._connect()
         specs = self._specs()
         if any(specs):
@@ -160,6 +177,7 @@ class Cluster:
 
     async def ensure_slots(self) -> None:
         """Start every slot's worker (the first per host starts with the connection)."""
+        self._check_loop()
         await self.start()
         await asyncio.gather(*(s.worker(i) for s in self.states for i in s.slots()))
 
@@ -177,6 +195,7 @@ class Cluster:
         ``offline``: ship wheels from the controller (default: the Cluster's, else each
         host's inventory setting).  ``uv``: force one way of getting uv (see README).
         """
+        self._check_open()
         lines = provisioning.requirement_lines(requirements)
         specs = self._specs(lines)
         self._begin()
@@ -215,11 +234,13 @@ class Cluster:
 
     async def list_envs(self) -> list[Result]:
         """Environments on every host (see ``provisioning.list_envs``)."""
+        self._check_open()
         await self._connect()
         return await provisioning.list_envs(self.states)
 
     async def prune_envs(self, older_than: str | float = "7d") -> list[Result]:
         """Remove environments unused for ``older_than`` on every host (see ``provisioning.prune_envs``)."""
+        self._check_open()
         await self._connect()
         return await provisioning.prune_envs(self.states, older_than)
 
@@ -238,6 +259,8 @@ class Cluster:
         a host whose install failed gets that failure instead of running ``fn``) and
         ``safe_results`` (see sshjobs.safe) are sshjobs' own; every other keyword goes to ``fn``.
         """
+        timeout = _seconds("timeout", timeout)
+        self._check_open()
         try:
             fn_bytes = pickle_function(fn)
             body = dumps((args, kwargs))  # once: every host's frame shares these bytes
@@ -273,6 +296,10 @@ class Cluster:
         ``requirements``: installed first (see ``install``); hosts whose install failed take no items.
         ``safe_results``: decode results with the restricted unpickler (see sshjobs.safe).
         """
+        chunksize = None if chunksize is None else _count("chunksize", chunksize, 1)
+        timeout = _seconds("timeout", timeout)
+        retries = _count("retries", retries, 0)
+        self._check_open()
         items = list(iterable)
         try:
             fn_bytes = pickle_function(fn)
@@ -306,6 +333,9 @@ class Cluster:
 
         One Result per host in inventory order; ``value`` is the median round trip in seconds.
         """
+        rounds = _count("rounds", rounds, 1)
+        timeout = _seconds("timeout", timeout)
+        self._check_open()
         await self._connect()
         return list(await asyncio.gather(*(ping_host(s, rounds, timeout) for s in self.states)))
 
@@ -316,6 +346,8 @@ class Cluster:
         ``timeout`` (seconds) and ``safe_results`` are sshjobs' own; other keywords go to ``fn``.
         Cancelling the awaitable kills the job on its host.
         """
+        timeout = _seconds("timeout", timeout)
+        self._check_open()
         try:
             fn_bytes = pickle_function(fn)
         except PicklingError as exc:
@@ -328,6 +360,25 @@ class Cluster:
         if picked is None:
             return asyncio.ensure_future(self._submit_later(fn, fn_bytes, args, kwargs, timeout, safe_results))
         return self._send(*picked, fn, fn_bytes, args, kwargs, timeout, safe_results)
+
+    # -- argument and state checks ---------------------------------------------------
+    def _check_open(self) -> None:
+        """Refuse a call once the Cluster is closed, or from another loop than its own."""
+        if self._closed:
+            raise ClusterClosed("this Cluster is closed: its connections are gone; make a new one"
+                                " (inventory.connect()) for more calls")
+        self._check_loop()
+
+    def _check_loop(self) -> None:
+        # A Cluster's connections, tasks and futures belong to the loop they started on; used
+        # from the next asyncio.run they would wait forever for that ended loop.
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif self._loop is not loop:
+            ended = ", which has ended" if self._loop.is_closed() else ""
+            raise ClusterClosed(f"this Cluster started on another event loop{ended}: a Cluster lives in one"
+                                " asyncio.run (or loop); make a new one on this loop")
 
     def _least_loaded(self) -> tuple[HostState, Worker] | None:
         best = None
@@ -359,6 +410,26 @@ class Cluster:
             return out
 
 
+def _seconds(name: str, value: Any) -> float | None:
+    """A duration argument: None, or a finite number of seconds above 0."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number of seconds or None, not {type(value).__name__} {value!r}")
+    if not 0 < value < math.inf:
+        raise ConfigError(f"{name} must be a finite number of seconds above 0, not {value!r}")
+    return float(value)
+
+
+def _count(name: str, value: Any, least: int) -> int:
+    """A count argument: an int of at least ``least``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__} {value!r}")
+    if value < least:
+        raise ConfigError(f"{name} must be at least {least}, not {value!r}")
+    return int(value)
+
+
 # -- synchronous code -------------------------------------------------------------------
 def use_lean_executor(inventory: BaseInventory) -> None:
     """On an event loop sshjobs owns (the sync calls, the CLI): one executor thread when no
@@ -381,9 +452,13 @@ def _is_ip(address: str) -> bool:
     return True
 
 
-def run_loop(inventory: BaseInventory, main: Callable[[], Awaitable[T]]) -> T:
-    """Run ``main()`` on an event loop of sshjobs' own, from synchronous code (also from
-    inside a running loop, a notebook's say, where it runs in a thread of its own)."""
+def run_loop(inventory: BaseInventory, main: Callable[[], Awaitable[T]], /) -> T:
+    """Run ``main()`` on an event loop of sshjobs' own, from synchronous code.
+
+    Inside a running loop (a notebook's, or sync code called from a coroutine) that loop is
+    held up by this call, so ``main()`` runs on a loop in a thread of its own.  Ctrl-C then
+    does what it does from plain code: ``main()`` is cancelled at once (the Cluster closes,
+    which ends the remote jobs) and KeyboardInterrupt is raised once that is done."""
 
     async def go() -> T:
         use_lean_executor(inventory)
@@ -393,14 +468,75 @@ def run_loop(inventory: BaseInventory, main: Callable[[], Awaitable[T]]) -> T:
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(go())
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, go()).result()
+    return _run_in_thread(go)
 
 
-def run_sync(inventory: BaseInventory, work: Callable[[Cluster], Awaitable[T]], **cluster_options: Any) -> T:
+CANCEL_WAIT = 10.0  # seconds Ctrl-C waits for a cancelled call to close its Cluster
+
+
+def _run_in_thread(go: Callable[[], Awaitable[T]]) -> T:
+    lock = threading.Lock()
+    running: dict[str, Any] = {"stop": False, "task": None}
+
+    async def guarded() -> T:
+        with lock:
+            if running["stop"]:  # interrupted before it began
+                raise asyncio.CancelledError
+            running["loop"], running["task"] = asyncio.get_running_loop(), asyncio.current_task()
+        return await go()
+
+    # Not `with ThreadPoolExecutor()`: its exit waits for the thread, i.e. for the jobs.
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sshjobs-loop")
+    try:
+        done = pool.submit(asyncio.run, guarded())
+        with _sigint_raises():
+            try:
+                return done.result()
+            except KeyboardInterrupt:
+                with lock:
+                    running["stop"] = True
+                    if running["task"] is not None:
+                        try:
+                            running["loop"].call_soon_threadsafe(running["task"].cancel)
+                        except RuntimeError:  # that loop has closed: the call is over
+                            pass
+                try:
+                    done.result(timeout=CANCEL_WAIT)
+                except KeyboardInterrupt:  # a second Ctrl-C: stop waiting for the cleanup
+                    raise
+                except BaseException:  # CancelledError (or the call's own end): it is over
+                    pass
+                raise
+    finally:
+        pool.shutdown(wait=False)
+
+
+class _sigint_raises:
+    """While a sync call waits on the main thread: Ctrl-C raises KeyboardInterrupt there.
+
+    Only asyncio.run's own handler is set aside: it would just cancel the running loop's
+    main task, which cannot run before this call returns (a second Ctrl-C would be needed).
+    Python's default handler and a program's own are kept."""
+
+    def __enter__(self):
+        self.saved = None
+        if threading.current_thread() is threading.main_thread():
+            handler = signal.getsignal(signal.SIGINT)
+            if getattr(getattr(handler, "func", None), "__qualname__", "") == "Runner._on_sigint":
+                self.saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.saved is not None:
+            signal.signal(signal.SIGINT, self.saved)
+
+
+def run_sync(inventory: BaseInventory, work: Callable[[Cluster], Awaitable[T]], /, **cluster_options: Any) -> T:
     """``work(cluster)`` on a Cluster of ``inventory`` made for it and closed after it: the
     one way synchronous code (the sync API, every CLI command) runs a Cluster.  Not
-    ``async with``: gather and map start each host's jobs as soon as it is up."""
+    ``async with``: gather and map start each host's jobs as soon as it is up.
+    ``cluster_options`` go to ``Cluster`` (its keywords; the first two are positional only,
+    so no keyword is taken from them)."""
 
     async def main() -> T:
         cluster = Cluster(inventory, **cluster_options)
@@ -463,11 +599,11 @@ class Inventory(BaseInventory):
             self.installed = done[0]
         return results
 
-    def list_envs(self) -> list[Result]:
+    def list_envs(self, *, on_event: Callback | None = None) -> list[Result]:
         """The sshjobs environments on every host; a list of Result in inventory order."""
-        return run_sync(self, lambda c: c.list_envs())
+        return run_sync(self, lambda c: c.list_envs(), on_event=on_event)
 
-    def prune_envs(self, older_than: str | float = "7d") -> list[Result]:
+    def prune_envs(self, older_than: str | float = "7d", *, on_event: Callback | None = None) -> list[Result]:
         """Remove environments unused for ``older_than`` (e.g. "7d") on every host."""
-        return run_sync(self, lambda c: c.prune_envs(older_than))
+        return run_sync(self, lambda c: c.prune_envs(older_than), on_event=on_event)
 

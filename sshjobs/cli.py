@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 import click
 
 from .version import __version__
-from .errors import AuthenticationError, ConfigError, ConnectError, HostKeyError, InventoryError, UsageError
+from .errors import (AuthenticationError, ConfigError, ConnectError, HostError, HostKeyError, InventoryError,
+                     UsageError)
 
 if TYPE_CHECKING:
     import asyncio
@@ -62,7 +63,8 @@ class Options:
 
 def _inventory_options(f):
     f = click.option("--limit", "-l", metavar="SELECTION",
-                     help="Only these hosts: names, node sets, globs or groups, comma-separated (node[01-03,07],node0*,gpu).")(f)
+                     help="Only these hosts: names, node sets, globs or groups, comma-separated (node[01-03,07],node0*,gpu);"
+                          " each must match a host.")(f)
     f = click.option("-i", "--inventory", metavar="FILE", envvar="SSHJOBS_INVENTORY", show_envvar=True,
                      help=f"The inventory (TOML). Default: $SSHJOBS_INVENTORY, then ./{DEFAULT_INVENTORY}.")(f)
     return f
@@ -124,7 +126,13 @@ def load_inventory(opts: Options) -> Inventory:
     path = inventory_path(opts)
     inv = Inventory.load(path)
     inv.installed = recorded_installs(path)
-    return inv.select(opts.limit) if opts.limit else inv
+    if opts.limit is None:
+        return inv
+    if not any(term.strip() for term in opts.limit.split(",")):
+        # an empty selection ("$HOSTS" unset, a stray comma) would pick no host, or all
+        raise UsageError(f"--limit {opts.limit!r} names no host or group: give names, globs or groups"
+                         " (node0*,gpu), or leave --limit out for every host")
+    return inv.select(opts.limit)
 
 
 # -- what `sshjobs install` recorded, per inventory file, on this controller -------------------
@@ -256,9 +264,19 @@ def read_items(source) -> list:
 
 
 # -- running --------------------------------------------------------------------------------
+@dataclass
+class HostsSeen:
+    """What became of the hosts in a command: the failed ones (name, why) and the ones still
+    connecting when the work was done (a map's other hosts took every item)."""
+
+    failed: list[tuple[str, HostError]]
+    pending: list[str]
+
+
 def run_cluster(inv: Inventory, opts: Options, work: Callable[[Cluster], Awaitable[Any]], *, title: str,
-                offline: bool | None = None) -> Any:
-    """``work(cluster)`` under the live display (api.run_sync: the one way to run a Cluster)."""
+                offline: bool | None = None, seen: list[HostsSeen] | None = None) -> Any:
+    """``work(cluster)`` under the live display (api.run_sync: the one way to run a Cluster);
+    ``seen`` receives what became of the hosts."""
     from .api import run_sync
     from .display import Progress
     console = opts.console() if not opts.quiet else None
@@ -266,7 +284,11 @@ def run_cluster(inv: Inventory, opts: Options, work: Callable[[Cluster], Awaitab
 
     async def shown(cluster: Cluster) -> Any:
         with progress:
-            return await work(cluster)
+            value = await work(cluster)
+        if seen is not None:
+            seen.append(HostsSeen([(s.name, s.error) for s in cluster.hosts if s.error is not None],
+                                  [s.name for s in cluster.hosts if s.error is None and not s.up]))
+        return value
 
     return run_sync(inv, shown, on_event=progress.event, offline=offline)
 
@@ -274,20 +296,24 @@ def run_cluster(inv: Inventory, opts: Options, work: Callable[[Cluster], Awaitab
 def run_jobs(inv: Inventory, opts: Options, work: Callable[[Cluster], Awaitable[list[Result]]], *,
              title: str, per_host: bool = False, what: str = "jobs", offline: bool | None = None,
              describe: Callable[[Any], str] | None = None) -> int:
-    """Connect, run ``work(cluster)`` under the live display, print the results; the exit code."""
+    """Connect, run ``work(cluster)`` under the live display, print the results and a summary
+    naming the hosts that failed; the exit code (1 when a job or a host failed)."""
     from .display import summary
     t0 = time.perf_counter()
-    results = run_cluster(inv, opts, work, title=title, offline=offline)
+    seen: list[HostsSeen] = []
+    results = run_cluster(inv, opts, work, title=title, offline=offline, seen=seen)
+    hosts = seen[0] if seen else HostsSeen([], [])
     console = opts.console() if not opts.quiet else None
     elapsed = time.perf_counter() - t0
     emit_results(results, opts, per_host=per_host, title=title, describe=describe)
+    ok = bool(results) and all(r.ok for r in results) and not hosts.failed
     if not opts.as_json and not opts.quiet:
-        line = summary(results, elapsed, what)
+        text = summary(results, elapsed, what, failed_hosts=hosts.failed, pending=hosts.pending)
         if console is not None:
-            console.print(line, style="green" if all(r.ok for r in results) else "red", highlight=False)
+            console.print(text, style="green" if ok else "red", highlight=False, markup=False)
         else:
-            print(line)
-    return EXIT_OK if results and all(r.ok for r in results) else EXIT_FAILED
+            print(text)
+    return EXIT_OK if ok else EXIT_FAILED
 
 
 def emit_results(results: list[Result], opts: Options, *, per_host: bool = False, title: str = "",
@@ -347,7 +373,8 @@ def run(target, args, packages, requirement_files, offline, **kw):
 
 @cli.command("map")
 @click.argument("target")
-@click.option("--range", "count", type=click.IntRange(min=0), metavar="N", help="Items 0 .. N-1.")
+@click.option("--range", "count", type=click.IntRange(min=0), metavar="N",
+              help="Items 0 .. N-1 (N = 0: no items, see below).")
 @click.option("--args", "args_file", type=click.File("r"), metavar="FILE",
               help="Items from FILE, one JSON value per line (- reads stdin).")
 @click.option("--retries", type=click.IntRange(min=0), default=0, show_default=True,
@@ -360,7 +387,11 @@ def map_cmd(target, count, args_file, retries, packages, requirement_files, offl
     """Call TARGET(item) for every item, spread over every slot of every host.
 
     TARGET is path/to/file.py:func or package.module:func; give the items with --range N
-    or --args FILE. Results come in input order.
+    or --args FILE. Results come in input order. Exit 1 when a job or a host failed, even
+    when the other hosts ran every item; the summary names each failed host and why.
+
+    No items (--range 0, an empty --args file) is no error: nothing is contacted and the
+    exit code is 0.
     """
     opts = _options(kw)
     if (count is None) == (args_file is None):
@@ -369,6 +400,10 @@ def map_cmd(target, count, args_file, retries, packages, requirement_files, offl
     items = list(range(count)) if count is not None else read_items(args_file)
     inv = load_inventory(opts)
     reqs = read_requirements(packages, requirement_files) if packages or requirement_files else []
+    if not items:
+        if not opts.as_json and not opts.quiet:
+            print("0 items: nothing to run, no host contacted")
+        return EXIT_OK
 
     async def work(cluster: Cluster) -> list[Result]:
         extra = {"requirements": reqs} if reqs else {}

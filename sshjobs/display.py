@@ -290,13 +290,27 @@ def _details(r: Result, emit, per_host: bool) -> None:
         emit(r.stderr.rstrip("\n"))
 
 
-def summary(results: list[Result], elapsed: float, what: str = "jobs") -> str:
+def summary(results: list[Result], elapsed: float, what: str = "jobs", *,
+            failed_hosts: Iterable[tuple[str, Any]] = (), pending: Iterable[str] = ()) -> str:
+    """The count line, then each failed host and why (one line each), then the hosts still
+    connecting when the work was done (not waited for: the others took every item)."""
     ok = sum(1 for r in results if r.ok)
     hosts = len({r.host for r in results})
+    failed_hosts, pending = list(failed_hosts), list(pending)
     line = f"{ok} of {len(results)} {what} ok"
     if ok < len(results):
         line += f", {len(results) - ok} failed"
-    return f"{line} ({hosts} host{'s' if hosts != 1 else ''}, {elapsed:.2f}s)"
+    line += f" ({hosts} host{'s' if hosts != 1 else ''}, {elapsed:.2f}s)"
+    lines = [line]
+    if failed_hosts:
+        lines[0] += f"; {len(failed_hosts)} host{'s' if len(failed_hosts) != 1 else ''} failed:"
+        width = max(len(name) for name, _ in failed_hosts)
+        for name, error in failed_hosts:
+            why = f"{error.type}: {error.message}" if getattr(error, "message", "") else str(error)
+            lines.append(f"  {name:<{width}}  {short_text(' '.join(why.split()), 400)}")
+    if pending:
+        lines.append(f"still connecting when the {what} were done, not waited for: {fold(pending)}")
+    return "\n".join(lines)
 
 
 # -- host names ---------------------------------------------------------------------------

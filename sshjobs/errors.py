@@ -10,6 +10,7 @@ nothing else of sshjobs, so every other module can use it.
     │   ├── RequirementsError              a requirements list or file
     │   └── UsageError                     a CLI target, argument or job file
     ├── LabError (also a RuntimeError)     the local lab or the Docker cluster
+    ├── ClusterClosed (also a RuntimeError)  a call on a closed Cluster (or outside its event loop)
     ├── HostError                          the host could not run the job
     │   ├── ConnectError                   no SSH session: the host was never reached
     │   │   ├── ConnectTimeout             "ConnectTimeout"
@@ -98,6 +99,16 @@ class LabError(SshjobsError, RuntimeError):
     """The local lab of sshd servers (or the Docker cluster) cannot be started or stopped."""
 
     kind = "LabError"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ClusterClosed(SshjobsError, RuntimeError):
+    """A call on a Cluster that was closed, or made outside the event loop it started on
+    (its ``asyncio.run`` has ended): its connections are gone; make a new Cluster."""
+
+    kind = "ClusterClosed"
 
     def __str__(self) -> str:
         return self.message

@@ -282,6 +282,48 @@ def test_an_unreachable_host_fails_alone_and_exits_1(lab, jobs, tmp_path):
     assert ghost["reachable"] is False and ghost["ok"] is False and "ConnectionRefused" in ghost["error"]
 
 
+def _with_ghosts(lab, path, count: int) -> Path:
+    """The lab's inventory plus ``count`` hosts where nothing listens (connection refused)."""
+    lab.write_inventory(path)
+    path.write_text(path.read_text() + "".join(
+        f'\n[hosts.ghost{i}]\naddress = "127.0.{LAB_SUBNET}.{249 + i}"\nport = 22\nuser = "{lab.hosts[0].user}"\n'
+        for i in range(1, count + 1)))
+    return path
+
+
+def test_map_exits_1_and_names_the_failed_hosts_when_the_others_ran_every_item(lab, jobs, tmp_path, faults):
+    inv = _with_ghosts(lab, tmp_path / "ghosts.toml", 3)
+    with faults.inject("three unreachable hosts under a CLI map"):
+        p = sshjobs("map", "-i", inv, "-l", "node01,ghost*", f"{jobs}:echo", "--range", "5")
+        assert p.returncode == 1, p.stdout + p.stderr
+        lines = p.stdout.splitlines()
+        assert [ln.split()[:3] for ln in lines[:5]] == [[f"job-{i}", "node01", "ok"] for i in range(5)]
+        assert lines[5].startswith("5 of 5 jobs ok (1 host, ") and lines[5].endswith("; 3 hosts failed:"), lines
+        for i, line in enumerate(lines[6:9], 1):
+            assert line.split(None, 2) == [f"ghost{i}",
+                                           "ConnectionRefused:",
+                                           f"{lab.hosts[0].user}@127.0.{LAB_SUBNET}.{249 + i}:22: connection refused"]
+        assert len(lines) == 9
+        p = sshjobs("map", "-i", inv, "-l", "node01,ghost*", f"{jobs}:echo", "--range", "5", "--json")
+        assert p.returncode == 1 and [r["value"] for r in json_lines(p.stdout) if r["ok"]] == list(range(5))
+
+
+def test_an_empty_limit_is_a_usage_error_and_no_items_exit_0_contacting_nothing(lab, jobs, tmp_path):
+    inv = _with_ghosts(lab, tmp_path / "ghosts.toml", 1)
+    for limit in [",", "", " , "]:
+        p = sshjobs("map", "-i", inv, "-l", limit, f"{jobs}:echo", "--range", "3")
+        assert p.returncode == 2, (limit, p.stdout, p.stderr)
+        assert f"--limit {limit!r} names no host or group" in p.stderr and p.stdout == ""
+    empty = tmp_path / "none.jsonl"
+    empty.write_text("\n")
+    # only the ghost: a connect would fail and say so
+    for items in [["--range", "0"], ["--args", empty]]:
+        p = sshjobs("map", "-i", inv, "-l", "ghost1", f"{jobs}:echo", *items)
+        assert (p.returncode, p.stdout, p.stderr) == (0, "0 items: nothing to run, no host contacted\n", "")
+        p = sshjobs("map", "-i", inv, "-l", "ghost1", f"{jobs}:echo", *items, "--json")
+        assert (p.returncode, p.stdout, p.stderr) == (0, "", "")
+
+
 # -- ping, exec, inventory ------------------------------------------------------------------------
 def test_ping_reports_reachability_auth_python_and_times(lab, invfile):
     p = sshjobs("ping", "-i", invfile, "--json")
