@@ -913,11 +913,11 @@ class MapRun:
                 chunk, job = inflight.pop(fut)
                 self.outstanding -= 1
                 got = fut.result()
-                if job.resend:  # its worker ended before it started (or beside it): not charged
-                    self.queue.appendleft(chunk._replace(alone=chunk.alone or job.alone))
+                if job.resend and not job.alone:  # its worker ended before it started: not charged
+                    self.queue.appendleft(chunk)
                 elif job.error is None:  # results, or a timeout (never tried again)
                     self.results[chunk.start:chunk.end] = got
-                elif not chunk.alone and isinstance(job.error, WorkerLost):
+                elif isinstance(job.error, WorkerLost) and (not chunk.alone or job.resend):
                     # The worker died under this job or one beside it: run its items again one
                     # by one, each alone on its worker (same attempt), so only the item that
                     # kills a worker fails and the others still run.
