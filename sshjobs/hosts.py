@@ -202,6 +202,7 @@ class HostState:
             except ConnectError as exc:
                 self.fail(exc)
                 return
+        self._watch(self.link)
         self.connect_time = time.perf_counter() - t0
         if self.host.python == "match" and find_python is not None:
             try:
@@ -241,6 +242,9 @@ class HostState:
         if self.reconnecting is None or self.reconnecting.done():
             self.reconnecting = asyncio.ensure_future(self._reconnect())
         self._changed()
+
+    def _watch(self, link: HostLink) -> None:
+        link.on_lost = lambda reason: self.connection_lost(HostLost(reason), link)
 
     def reconnect_now(self) -> None:
         """A call wants this lost host: try again now rather than after the backoff."""
@@ -285,6 +289,7 @@ class HostState:
                     link.close()
                     return
                 self.link = link
+                self._watch(link)
                 self.lost = None
                 self.last_attempt = None
                 self.lanes = {w: lane for w, lane in self.lanes.items() if lane.calls}
