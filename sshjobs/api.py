@@ -141,6 +141,8 @@ class Cluster:
             return
         self._closed = True
         self.dispatcher.close()  # jobs still waiting for a worker fail
+        for state in self.states:
+            state.closed = True  # from now on no host reconnects or starts a worker
         if self._slots_task:
             self._slots_task.cancel()
         # Hosts still connecting (a one-shot map that finished without a slow host).
@@ -269,7 +271,8 @@ class Cluster:
             bad = await self._in_env(state, spec, downloads)
             if bad is not None:
                 return failed(bad.error, state.name, job=state.index)
-            await self.ready(state)
+            if not await self.ready(state):  # failed, or its connection dropped and it is not back
+                return state.failure(state.index)
             # the job's own run, and any worker start it waits for, take what is left
             deadline = None if timeout is None else t0 + timeout + (loop.time() - paused)
             return await self.dispatcher.submit(fn, fn_bytes, body, timeout=timeout, safe_results=safe_results,
@@ -289,7 +292,8 @@ class Cluster:
         ``retries``: how many more times a job whose worker or host was lost is tried (on any host);
         items that had not started on a worker killed or lost are sent again without counting.
         ``timeout``: seconds per item (each item then runs on its own, whatever ``chunksize``);
-        a host whose worker does not start within it takes no items.
+        it counts the workers' start too while no worker of the map is up: when none starts
+        within it, the items fail with Timeout.
         ``requirements``: installed first (see ``install``); hosts whose install failed take no items.
         ``safe_results``: decode results with the restricted unpickler (see sshjobs.safe).
         """
@@ -307,14 +311,14 @@ class Cluster:
 
         async def ready(state: HostState) -> bool:
             """Up, and running in the call's environment; a host whose install failed takes no items,
-            nor one that does not start within the timeout."""
+            nor one still not up when the timeout ends while no other host works for the map."""
             if timeout is not None:
                 try:
-                    if not await asyncio.wait_for(self.ready(state), timeout):
-                        return False
+                    await asyncio.wait_for(self.ready(state), timeout)  # the start itself goes on
                 except asyncio.TimeoutError:
-                    run.note_slow_start(state)
-                    return False
+                    if not run.active:
+                        run.note_slow_start(state)
+                        return False
             bad = await self._in_env(state, specs[state.index], downloads)
             if bad is not None:
                 if run.last_error is None:

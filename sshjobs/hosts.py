@@ -294,6 +294,8 @@ class HostState:
                 self.last_attempt = None
                 self.lanes = {w: lane for w, lane in self.lanes.items() if lane.calls}
                 worker = await self.worker(0)
+                if self.closed:
+                    return
                 if worker is not None:
                     self.attempting = False
                     self.reconnects += 1
@@ -385,6 +387,8 @@ class HostState:
             worker.slot = slot
             self.start_time = time.perf_counter() - t0
             self.workers[slot] = worker
+            if len(self.lanes) > 2 * len(self.workers):  # those of workers that ended idle
+                self.lanes = {w: lane for w, lane in self.lanes.items() if lane.calls or w.alive}
             if self.listener is not None:
                 self.listener.freed(self, worker)
             self._wake_free()

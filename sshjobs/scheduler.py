@@ -351,9 +351,14 @@ class Call:
             raw, outputs = f.result()
             self._settle(make_results(self.worker, raw, outputs, self.indices, self.attempt, self.loads, self.fn))
             return
+        worker = self.worker
+        if not isinstance(exc, HostLost) and worker.link is not state.link and worker.exit_status is None \
+                and worker.exit_signal is None:
+            # its connection was dropped (and closed here): the host was lost, not the worker
+            exc = state.lost or HostLost(f"{state.host.target}: connection lost", state.name)
         self.error = exc
         if isinstance(exc, HostLost):
-            state.connection_lost(exc, self.worker.link)
+            state.connection_lost(exc, worker.link)
         lane = self.lane
         if lane.killed_for is not None or not started:
             self.resend = not started  # killed for another job, or it waited behind the one that ended
@@ -768,7 +773,7 @@ class MapRun:
         self.wake = asyncio.Event()
         self.finished = asyncio.Event()
         self.outstanding = 0  # jobs sent and not yet answered, over all pumps
-        self.active = 0  # hosts whose pumps run
+        self.active = 0  # pumps at work (one per slot of a host that is up)
         self.given_up: set[int] = set()  # hosts whose worker did not start within the timeout
         # With a timeout each job is one item and runs alone, so the clock is its own.
         self.depth = 1 if timeout else DEPTH
@@ -813,11 +818,7 @@ class MapRun:
             return
         while not self.finished.is_set() and state.index not in self.given_up:
             if state.usable:
-                self.active += 1
-                try:
-                    await asyncio.gather(*(self.pump(state, slot) for slot in state.slots()))
-                finally:
-                    self.active -= 1
+                await asyncio.gather(*(self.pump(state, slot) for slot in state.slots()))
                 continue
             if state.lost is None:  # failed for good, or closed
                 self.note_lost(state)
@@ -857,6 +858,7 @@ class MapRun:
 
     async def pump(self, state: HostState, slot: int) -> None:
         inflight: dict[asyncio.Future, tuple[Chunk, Call]] = {}
+        self.active += 1
         try:
             await self._pump(state, slot, inflight)
         except asyncio.CancelledError:
@@ -864,23 +866,42 @@ class MapRun:
             for fut in inflight:
                 fut.cancel()
             raise
+        finally:
+            self.active -= 1
 
     async def _worker(self, state: HostState, slot: int) -> Worker | None:
-        """The slot's worker; with a timeout, its start counts: one that does not start in
-        time is left to start for later calls, and this pump stops."""
-        if self.timeout is None:
-            return await state.worker(slot)
+        """The slot's worker, started again if it was killed or ended; None when the host is
+        gone, when the map is done meanwhile, or (a timeout) when the start takes longer than
+        it while no other pump works: the call's timeout counts a worker's start too."""
+        task = state.start_slot(slot)
+        if task is None:
+            return state.workers[slot] if state.usable and slot < len(state.workers) else None
+        start = asyncio.shield(task)  # the start goes on for later calls whatever this map does
+        finished = asyncio.ensure_future(self.finished.wait())
         try:
-            return await asyncio.wait_for(state.worker(slot), self.timeout)  # the start is shielded
-        except asyncio.TimeoutError:
-            self.note_slow_start(state)
-            return None
+            while True:
+                done, _ = await asyncio.wait((start, finished), timeout=self.timeout,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if start in done:
+                    return start.result()
+                if finished in done:
+                    return None
+                if self.active <= 1:
+                    self.note_slow_start(state)
+                    return None
+        finally:
+            finished.cancel()
+            start.cancel()
 
     async def _pump(self, state: HostState, slot: int, inflight: dict) -> None:
         loads = self.loads(state)
         while True:
             worker = await self._worker(state, slot)
             if worker is None:  # the host is gone; others take the work
+                if inflight:  # its jobs end with it: hear how (a lost host's counts as an attempt)
+                    done, _ = await asyncio.wait(inflight)
+                    self._collect(state, done, inflight)
+                    continue
                 self.note_lost(state)
                 break
             lane = state.lane(worker)
@@ -909,30 +930,34 @@ class MapRun:
                     await self.wake.wait()
                 continue
             done, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
-            for fut in done:
-                chunk, job = inflight.pop(fut)
-                self.outstanding -= 1
-                got = fut.result()
-                if job.resend and not job.alone:  # its worker ended before it started: not charged
-                    self.queue.appendleft(chunk)
-                elif job.error is None:  # results, or a timeout (never tried again)
-                    self.results[chunk.start:chunk.end] = got
-                elif isinstance(job.error, WorkerLost) and (not chunk.alone or job.resend):
-                    # The worker died under this job or one beside it: run its items again one
-                    # by one, each alone on its worker (same attempt), so only the item that
-                    # kills a worker fails and the others still run.
-                    self.queue.extend(Chunk(i, i + 1, chunk.attempt, True) for i in range(chunk.start, chunk.end))
-                elif chunk.attempt <= self.retries:
-                    self.queue.append(chunk._replace(attempt=chunk.attempt + 1))
-                else:
-                    self.results[chunk.start:chunk.end] = got
-                    self.last_error = got[-1]
-                    state.events.done(state.name, got)
-            self.wake.set()
+            self._collect(state, done, inflight)
         # A pump that stops hands its unfinished work back.
         for chunk, _ in inflight.values():
             self.outstanding -= 1
             self.queue.append(chunk)
+        self.wake.set()
+
+    def _collect(self, state: HostState, done, inflight: dict) -> None:
+        """Results of finished jobs in; jobs to run again back in the queue."""
+        for fut in done:
+            chunk, job = inflight.pop(fut)
+            self.outstanding -= 1
+            got = fut.result()
+            if job.resend and not job.alone:  # its worker ended before it started: not charged
+                self.queue.appendleft(chunk)
+            elif job.error is None:  # results, or a timeout (never tried again)
+                self.results[chunk.start:chunk.end] = got
+            elif isinstance(job.error, WorkerLost) and (not chunk.alone or job.resend):
+                # The worker died under this job or one beside it: run its items again one
+                # by one, each alone on its worker (same attempt), so only the item that
+                # kills a worker fails and the others still run.
+                self.queue.extend(Chunk(i, i + 1, chunk.attempt, True) for i in range(chunk.start, chunk.end))
+            elif chunk.attempt <= self.retries:
+                self.queue.append(chunk._replace(attempt=chunk.attempt + 1))
+            else:
+                self.results[chunk.start:chunk.end] = got
+                self.last_error = got[-1]
+                state.events.done(state.name, got)
         self.wake.set()
 
     def send(self, state: HostState, worker: Worker, chunk: Chunk, loads) -> Call | None:
