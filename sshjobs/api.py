@@ -15,14 +15,13 @@ from os import PathLike
 from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
 from . import provisioning, safe
-from .errors import ClusterClosed, ConfigError, HostError, NoHosts, PicklingError
+from .errors import ClusterClosed, ConfigError, HostError, PicklingError
 from .events import Callback, Events
 from .hosts import HostState
 from .inventory import BaseInventory
 from .log import get_logger
-from .remote import protocol
 from .result import Result, failed
-from .scheduler import Call, MapRun, call, least_loaded, pickle_function, pickling_failure
+from .scheduler import Dispatcher, MapRun, not_started, pickle_function, pickling_failure
 from .scheduler import ping as ping_host
 from .worker import Worker, dumps
 
@@ -73,6 +72,8 @@ class Cluster:
         self._slots_task: asyncio.Task | None = None
         self._start_task: asyncio.Future | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop of the first call
+        # The controller's queue: submit, gather and ping jobs go to a worker when it can take them.
+        self.dispatcher = Dispatcher(self.states, self._loads)
 
     @property
     def on_event(self) -> Callback | None:
@@ -141,10 +142,14 @@ class Cluster:
                 asyncio.gather(*(s.opening for s in self.states), return_exceptions=True))
 
     async def ready(self, state: HostState) -> bool:
-        """Wait until one host is connected with its first worker up (or has failed)."""
+        """Wait until one host is connected with its first worker up (or has failed).  A host
+        whose connection dropped is tried again now (it reconnects in the background too)."""
         self._begin()
         if state.opening is not None:  # None: closed before it ever started
             await asyncio.shield(state.opening)
+        if state.lost is not None and not state.closed:
+            state.reconnect_now()
+            await asyncio.shield(state.next_attempt())
         return state.usable
 
     async def close(self) -> None:
@@ -152,6 +157,9 @@ class Cluster:
         if self._closed:
             return
         self._closed = True
+        self.dispatcher.close()  # jobs still waiting for a worker fail
+        for state in self.states:
+            state.closed = True  # from now on no host reconnects or starts a worker
         if self._slots_task:
             self._slots_task.cancel()
         # Hosts still connecting (a one-shot map that finished without a slow host).
@@ -255,7 +263,8 @@ class Cluster:
                      safe_results: bool | Iterable[str] | None = None, **kwargs: Any) -> list[Result]:
         """``fn(*args, **kwargs)`` once on every host; Results in inventory order.
 
-        ``timeout`` (seconds per job), ``requirements`` (installed first, see ``install``;
+        ``timeout`` (seconds per host: its connect and worker start count, an install of
+        ``requirements`` does not), ``requirements`` (installed first, see ``install``;
         a host whose install failed gets that failure instead of running ``fn``) and
         ``safe_results`` (see sshjobs.safe) are sshjobs' own; every other keyword goes to ``fn``.
         """
@@ -272,13 +281,25 @@ class Cluster:
         self._begin()  # each host's job goes as soon as that host is up
         downloads = provisioning.WheelDownloads()
 
+        loop = asyncio.get_running_loop()
+
         async def one(state: HostState, spec) -> Result:
+            t0 = loop.time()
+            if timeout is not None:  # the host's connect and first worker's start count
+                try:
+                    await asyncio.wait_for(self.ready(state), timeout)  # the start itself goes on
+                except asyncio.TimeoutError:
+                    return not_started(timeout, state, state.index)
+            paused = loop.time()
             bad = await self._in_env(state, spec, downloads)
             if bad is not None:
                 return failed(bad.error, state.name, job=state.index)
-            await self.ready(state)
-            return await call(state, 0, fn, fn_bytes, body, state.index, timeout=timeout,
-                              loads=self._loads(state, safe_results))
+            if not await self.ready(state):  # failed, or its connection dropped and it is not back
+                return state.failure(state.index)
+            # the job's own run, and any worker start it waits for, take what is left
+            deadline = None if timeout is None else t0 + timeout + (loop.time() - paused)
+            return await self.dispatcher.submit(fn, fn_bytes, body, timeout=timeout, safe_results=safe_results,
+                                                pin=state, index=state.index, deadline=deadline)
 
         try:
             return list(await asyncio.gather(*(one(s, spec) for s, spec in zip(self.states, specs))))
@@ -291,8 +312,11 @@ class Cluster:
                   safe_results: bool | Iterable[str] | None = None) -> list[Result]:
         """``fn(item)`` for each item, spread over every slot of every host; Results in input order.
 
-        ``retries``: how many more times a job whose worker or host was lost is tried (on any host).
-        ``timeout``: seconds per item (each item then runs on its own).
+        ``retries``: how many more times a job whose worker or host was lost is tried (on any host);
+        items that had not started on a worker killed or lost are sent again without counting.
+        ``timeout``: seconds per item (each item then runs on its own, whatever ``chunksize``);
+        it counts the workers' start too while no worker of the map is up: when none starts
+        within it, the items fail with Timeout.
         ``requirements``: installed first (see ``install``); hosts whose install failed take no items.
         ``safe_results``: decode results with the restricted unpickler (see sshjobs.safe).
         """
@@ -313,7 +337,15 @@ class Cluster:
         downloads = provisioning.WheelDownloads()
 
         async def ready(state: HostState) -> bool:
-            """Up, and running in the call's environment; a host whose install failed takes no items."""
+            """Up, and running in the call's environment; a host whose install failed takes no items,
+            nor one still not up when the timeout ends while no other host works for the map."""
+            if timeout is not None:
+                try:
+                    await asyncio.wait_for(self.ready(state), timeout)  # the start itself goes on
+                except asyncio.TimeoutError:
+                    if not run.active:
+                        run.note_slow_start(state)
+                        return False
             bad = await self._in_env(state, specs[state.index], downloads)
             if bad is not None:
                 if run.last_error is None:
@@ -322,7 +354,7 @@ class Cluster:
             return await self.ready(state)
 
         run = MapRun(self.states, ready, fn, fn_bytes, items, chunksize=chunksize, timeout=timeout, retries=retries,
-                     loads=lambda state: self._loads(state, safe_results))
+                     loads=lambda state: self._loads(state, safe_results), waiting=self.dispatcher.waiting_for)
         try:
             return await run.run()
         finally:
@@ -337,29 +369,39 @@ class Cluster:
         timeout = _seconds("timeout", timeout)
         self._check_open()
         await self._connect()
-        return list(await asyncio.gather(*(ping_host(s, rounds, timeout) for s in self.states)))
+        return list(await asyncio.gather(*(ping_host(self.dispatcher, s, rounds, timeout) for s in self.states)))
 
     def submit(self, fn: Callable, /, *args: Any, timeout: float | None = None,
                safe_results: bool | Iterable[str] | None = None, **kwargs: Any) -> "asyncio.Future[Result]":
-        """Run ``fn(*args, **kwargs)`` on the least-loaded worker; returns an awaitable Result.
+        """Run ``fn(*args, **kwargs)`` on a free worker; returns an awaitable Result.
 
-        ``timeout`` (seconds) and ``safe_results`` are sshjobs' own; other keywords go to ``fn``.
-        Cancelling the awaitable kills the job on its host.
+        The job waits in the controller until a worker is free (a short job may also wait
+        on a busy worker, see ``scheduler.Dispatcher``), so it never waits behind a long one
+        while another worker idles.  The arguments are pickled now: later changes to them
+        do not reach the job.  ``timeout`` (seconds of the job's run, and of its wait for a
+        worker to start while none is up) and ``safe_results`` are sshjobs' own; other
+        keywords go to ``fn``.  Cancelling the awaitable kills the job on its host (or drops
+        it, if it has not started); a timeout or cancel never fails another job.
         """
         timeout = _seconds("timeout", timeout)
         self._check_open()
+        loop = asyncio.get_running_loop()
         try:
             fn_bytes = pickle_function(fn)
         except PicklingError as exc:
-            out = asyncio.get_running_loop().create_future()
+            out = loop.create_future()
             out.set_result(failed(PicklingError(exc.message), "-"))
             return out
-        picked = self._least_loaded() if self._started else None
+        try:
+            body = dumps((args, kwargs))
+        except Exception as exc:
+            out = loop.create_future()
+            out.set_result(pickling_failure(exc, "-"))
+            return out
+        self._begin()
         if self._slots_task is None:
             self._slots_task = asyncio.ensure_future(self.ensure_slots())
-        if picked is None:
-            return asyncio.ensure_future(self._submit_later(fn, fn_bytes, args, kwargs, timeout, safe_results))
-        return self._send(*picked, fn, fn_bytes, args, kwargs, timeout, safe_results)
+        return self.dispatcher.submit(fn, fn_bytes, body, timeout=timeout, safe_results=safe_results)
 
     # -- argument and state checks ---------------------------------------------------
     def _check_open(self) -> None:
@@ -379,35 +421,6 @@ class Cluster:
             ended = ", which has ended" if self._loop.is_closed() else ""
             raise ClusterClosed(f"this Cluster started on another event loop{ended}: a Cluster lives in one"
                                 " asyncio.run (or loop); make a new one on this loop")
-
-    def _least_loaded(self) -> tuple[HostState, Worker] | None:
-        best = None
-        for state in self.states:
-            worker = least_loaded(state.live_workers())
-            if worker is not None and (best is None or worker.in_flight < best[1].in_flight):
-                best = (state, worker)
-                if worker.in_flight == 0:
-                    break
-        return best
-
-    async def _submit_later(self, fn: Callable, fn_bytes: bytes, args: tuple, kwargs: dict,
-                            timeout: float | None, safe_results) -> Result:
-        await self.ensure_slots()  # a slot whose worker was killed (timeout, cancel) gets a new one
-        picked = self._least_loaded()
-        if picked is None:
-            dead = next((s for s in self.states if s.error), None)
-            return dead.failure() if dead else failed(NoHosts("no host is available"), "-")
-        return await self._send(*picked, fn, fn_bytes, args, kwargs, timeout, safe_results)
-
-    def _send(self, state: HostState, worker: Worker, fn: Callable, fn_bytes: bytes, args: tuple, kwargs: dict,
-              timeout: float | None, safe_results) -> "asyncio.Future[Result]":
-        try:
-            return Call(state, worker, protocol.CALL, fn, fn_bytes, (args, kwargs), (0,), timeout=timeout,
-                        loads=self._loads(state, safe_results)).out
-        except Exception as exc:
-            out = asyncio.get_running_loop().create_future()
-            out.set_result(pickling_failure(exc, state.name))
-            return out
 
 
 def _seconds(name: str, value: Any) -> float | None:

@@ -267,13 +267,26 @@ class Completed:
 
 
 class HostLink:
-    """All SSH connections to one host.  Channels are opened through ``channel()``,
-    which never puts more than ``max_sessions`` sessions on one connection."""
+    """All SSH connections to one host.  Channels are opened through ``acquire()``,
+    which never puts more than ``max_sessions`` sessions on one connection.
+
+    ``on_lost(reason)`` hears when one of its connections closes without ``close()`` (the
+    host dropped it, or it stopped answering keepalives), even with no job running."""
 
     def __init__(self, host: Host, first: asyncssh.SSHClientConnection):
         self.host = host
         self._conns: list[list] = [[first, 0]]  # [connection, sessions in use]
         self._lock = asyncio.Lock()
+        self.on_lost = None
+        self.closing = False
+        self._watchers = [asyncio.ensure_future(self._watch(first))]
+
+    async def _watch(self, conn: asyncssh.SSHClientConnection) -> None:
+        await conn.wait_closed()
+        if not self.closing:
+            log.debug("connection closed", host=self.host.name)
+            if self.on_lost is not None:
+                self.on_lost(f"{self.host.target}: connection lost: closed by the host or the network")
 
     @classmethod
     async def open(cls, host: Host) -> "HostLink":
@@ -286,8 +299,10 @@ class HostLink:
                 if entry[1] < self.host.max_sessions:
                     break
             else:
-                entry = [await open_connection(self.host), 0]
+                conn = await open_connection(self.host)
+                entry = [conn, 0]
                 self._conns.append(entry)
+                self._watchers.append(asyncio.ensure_future(self._watch(conn)))
             entry[1] += 1
         released = False
 
@@ -329,8 +344,11 @@ class HostLink:
         return Completed(status, done.stdout or "", done.stderr or "", signal)
 
     def close(self) -> None:
+        self.closing = True
         for conn, _ in self._conns:
             conn.close()
+        for task in self._watchers:
+            task.cancel()
 
     async def wait_closed(self) -> None:
         await asyncio.gather(*(c.wait_closed() for c, _ in self._conns), return_exceptions=True)

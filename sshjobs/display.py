@@ -19,6 +19,7 @@ log = get_logger("sshjobs.cli")
 _STYLE = {
     "waiting": "dim", "connecting": "cyan", "connected": "blue", "installing": "magenta",
     "installed": "green", "running": "yellow", "done": "green", "failed": "bold red",
+    "reconnecting": "bold yellow",
 }
 LIVE_ROWS = 20  # hosts drawn at most; the busiest and failed ones first
 
@@ -70,6 +71,14 @@ class Progress:
             h.state = "failed"
             h.running = 0
             h.note = _first_line(f"{info.get('error', 'Error')}: {info.get('message', '')}")
+        elif event == events.RECONNECTING:  # its connection dropped: it comes back by itself
+            h.state = "reconnecting"
+            h.running = 0
+            h.note = _first_line(f"attempt {info.get('attempt', 1)}: {info.get('error', 'HostLost')}:"
+                                 f" {info.get('message', '')}")
+        elif event == events.RECONNECTED:
+            h.state = "connected"
+            h.note = f"reconnected after {fmt_seconds(info.get('down_for'))}"
         elif event == events.INSTALL_FAILED:
             h.state = "failed"
             h.note = _first_line(f"{info.get('type', 'InstallError')}: {info.get('error', '')}")
@@ -107,7 +116,7 @@ class Progress:
         hosts = list(self.hosts.values())
         shown = hosts
         if len(hosts) > LIVE_ROWS:
-            order = {"failed": 0, "running": 1, "installing": 2, "connecting": 3, "connected": 4}
+            order = {"failed": 0, "reconnecting": 1, "running": 2, "installing": 3, "connecting": 4, "connected": 5}
             shown = sorted(hosts, key=lambda h: order.get(h.state, 9))[:LIVE_ROWS]
             keep = {id(h) for h in shown}
             shown = [h for h in hosts if id(h) in keep]

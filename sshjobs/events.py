@@ -2,13 +2,19 @@
 
 A Cluster's ``on_event(host_name, event, info)`` hears these, on the event loop, as hosts
 and jobs progress.  ``info`` is a plain dict with the keys listed here; the callback must
-not block, and an exception in it is logged, never raised into the run.
+not block, and an exception in it is logged, never raised into the run.  A host whose
+connection drops is reconnected in the background with backoff: ``reconnecting`` at each
+attempt (its ``error`` and ``message`` say why the connection dropped), ``reconnected``
+once it is back; ``failed`` only when it cannot come back (a changed host key, refused
+credentials, a worker that cannot start).
 
 | event              | when                                   | info keys                                   |
 |--------------------|----------------------------------------|---------------------------------------------|
 | ``connecting``     | a connect starts                       | (none)                                      |
 | ``connected``      | connected, first worker up             | connect_time, start_time, python            |
-| ``failed``         | the host became unusable               | error (kind), message                       |
+| ``failed``         | the host became unusable for good      | error (kind), message                       |
+| ``reconnecting``   | its connection dropped: a new attempt  | attempt (1, 2...), error (kind), message    |
+| ``reconnected``    | connected again, a worker up           | attempts, down_for (seconds)                |
 | ``running``        | jobs sent to a host                    | jobs, job (the first job's index)           |
 | ``done``           | their results are back                 | jobs, job, ok, failed; one job: duration, error |
 | ``installing``     | an install starts on a host            | requirements, offline                       |
@@ -32,6 +38,8 @@ log = get_logger("sshjobs.events")
 CONNECTING = "connecting"
 CONNECTED = "connected"
 FAILED = "failed"
+RECONNECTING = "reconnecting"
+RECONNECTED = "reconnected"
 RUNNING = "running"
 DONE = "done"
 INSTALLING = "installing"
@@ -69,6 +77,12 @@ class Events:
 
     def failed(self, host: str, kind: str, message: str) -> None:
         self.emit(host, FAILED, {"error": kind, "message": message})
+
+    def reconnecting(self, host: str, attempt: int, kind: str, message: str) -> None:
+        self.emit(host, RECONNECTING, {"attempt": attempt, "error": kind, "message": message})
+
+    def reconnected(self, host: str, attempts: int, down_for: float) -> None:
+        self.emit(host, RECONNECTED, {"attempts": attempts, "down_for": down_for})
 
     def running(self, host: str, first: int, count: int) -> None:
         if self.on_event is not None:

@@ -1,5 +1,6 @@
 """Scheduling: pickling a job, the one path that sends it to a worker and turns the reply
-into Results (``Call``), which worker takes what (``least_loaded``), and ``MapRun``."""
+into Results (``Call``), the controller's queue that decides which worker takes what and
+when (``Dispatcher``: submit, gather, ping), and ``MapRun``."""
 
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ from typing import Any, Awaitable, Callable, NamedTuple, Sequence
 
 import cloudpickle
 
-from .errors import (PicklingError, ProtocolError, RemoteError, SshjobsError, Timeout, WorkerLost)
-from .hosts import HostState
+from .errors import (HostLost, NoHosts, NotConnected, PicklingError, ProtocolError, RemoteError, SshjobsError, Timeout,
+                     WorkerLost)
+from .hosts import HostState, Lane
 from .remote import protocol
 from .result import Result, failed, failure
 from .worker import AllOk, Worker, decode_results, dumps
@@ -264,23 +266,33 @@ def chunk_size(n: int, workers: int) -> int:
 class Call:
     """One job sent to one worker, the only way a job is sent: gather, submit, ping and map
     all go through it.  ``out`` is a future of its Result (``one``) or of a list of Results
-    (a MAP chunk, one per index).
+    (a MAP chunk, one per index); with an ``owner`` (a Dispatcher's Job) the owner hears the
+    Results (``settled``) and the resends instead.
 
-    On ``timeout`` the job fails with Timeout and the worker is killed; when the caller
-    gives up (cancels ``out``) a job still running is killed, so none runs on unseen.
-    ``error`` is what failed under it (a lost worker or host) for a caller that may retry;
-    with ``report_errors`` False the caller reports those Results itself.
+    A worker runs its jobs one at a time, in the order sent: the Call enters its worker's
+    Lane, and only the first Call of a lane has started.  On ``timeout`` the job fails with
+    Timeout and the worker is killed; when the caller gives up (cancels ``out``) a job
+    still running is killed, so none runs on unseen; one given up while it waits is killed
+    as it starts.  When a worker ends under a job, the Calls waiting behind it had not
+    started: they say ``resend`` (run again elsewhere, not charged an attempt), never fail for
+    another job's timeout or death.  ``alone``: it should run with nothing beside it on its
+    worker, which died while it was there and it may have killed.  ``error`` is what failed
+    under it (a lost worker or host) for a caller that may retry; with ``report_errors``
+    False the caller reports those Results itself.
 
     One object per job rather than closures and their cells: with 10,000 submits in
     flight the cyclic GC's re-scans of those objects were half of the submit path's CPU.
     """
 
-    __slots__ = ("state", "worker", "fn", "indices", "attempt", "loads", "timeout", "raw", "out", "timer",
-                 "error", "one", "report_errors")
+    __slots__ = ("state", "worker", "lane", "fn", "indices", "attempt", "loads", "timeout", "limit", "raw", "out",
+                 "timer", "error", "one", "report_errors", "owner", "queueable", "expected", "resend", "alone",
+                 "abandoned")
 
     def __init__(self, state: HostState, worker: Worker, kind: int, fn: Callable, fn_bytes: bytes, body,
                  indices: Sequence[int], *, timeout: float | None = None, loads=None, attempt: int = 1,
-                 one: bool = True, report_errors: bool = True):
+                 one: bool = True, report_errors: bool = True, owner: "Job | None" = None,
+                 out: asyncio.Future | None = None, queueable: bool = False, expected: float = 0.0,
+                 limit: float | None = None):
         self.raw = worker.send(kind, fn_bytes, body, len(indices))  # raises if the body does not pickle
         self.state = state
         self.worker = worker
@@ -289,72 +301,420 @@ class Call:
         self.attempt = attempt
         self.loads = loads
         self.timeout = timeout
+        self.limit = timeout if limit is None else limit  # the timeout the caller asked for (messages)
         self.error: BaseException | None = None
         self.one = one
         self.report_errors = report_errors
+        self.owner = owner
+        self.queueable = queueable  # others may wait behind it on its worker (a short job, no timeout)
+        self.expected = expected
+        self.resend = self.alone = self.abandoned = False
         loop = asyncio.get_running_loop()
-        self.out: asyncio.Future = loop.create_future()
+        self.out: asyncio.Future = out if out is not None else loop.create_future()
         self.timer = None
+        self.lane = lane = state.lane(worker)
+        lane.push(self)
         state.events.running(state.name, indices[0], len(indices))
         self.raw.add_done_callback(self.done)
         self.out.add_done_callback(self.given_up)
         if timeout is not None:
-            self.timer = loop.call_later(timeout, self.expired)
+            self.timer = loop.call_later(max(0.0, timeout), self.expired)
 
     def _settle(self, results: list[Result], report: bool = True) -> None:
         if report:
             self.state.events.done(self.state.name, results)
-        self.out.set_result(results[0] if self.one else results)
+        if self.owner is not None:
+            self.owner.settled(self, results)
+        elif not self.out.done():
+            self.out.set_result(results[0] if self.one else results)
 
     def done(self, f: asyncio.Future) -> None:
         if self.timer is not None:
             self.timer.cancel()
         exc = None if f.cancelled() else f.exception()  # retrieved even when nobody waits
-        if self.out.done():
+        lane = self.lane
+        started = lane.end(self) if exc is not None else True
+        lane.pop(self)
+        try:
+            self._outcome(f, exc, started)
+        finally:
+            self.state.lane_done(self.worker, lane)
+
+    def _outcome(self, f: asyncio.Future, exc: BaseException | None, started: bool) -> None:
+        if self.out.done():  # timed out (reported already) or given up
             return
         if f.cancelled():
             self.out.cancel()
             return
-        host = self.state.name
-        if exc is not None:
-            self.error = exc
-            self._settle([worker_failure(exc, host, i, self.attempt) for i in self.indices], self.report_errors)
-        else:
+        state = self.state
+        if exc is None:
             raw, outputs = f.result()
             self._settle(make_results(self.worker, raw, outputs, self.indices, self.attempt, self.loads, self.fn))
+            return
+        worker = self.worker
+        if not isinstance(exc, HostLost) and worker.link is not state.link and worker.exit_status is None \
+                and worker.exit_signal is None:
+            # its connection was dropped (and closed here): the host was lost, not the worker
+            exc = state.lost or HostLost(f"{state.host.target}: connection lost", state.name)
+        self.error = exc
+        if isinstance(exc, HostLost):
+            state.connection_lost(exc, worker.link)
+        lane = self.lane
+        if lane.killed_for is not None or not started:
+            self.resend = not started  # killed for another job, or it waited behind the one that ended
+            self.alone = lane.killed_for is None and isinstance(exc, WorkerLost)
+        elif isinstance(exc, WorkerLost) and lane.ended_with > 1:
+            # Jobs waited behind it: a worker may send a result late (it batches them), so the
+            # one that ended it is not known for sure.  Each runs again alone, where a death
+            # points at its culprit.
+            self.resend = self.alone = True
+        if self.resend and self.owner is not None:
+            self.owner.resend(self)
+            return
+        host = state.name
+        self._settle([worker_failure(exc, host, i, self.attempt) for i in self.indices],
+                     self.report_errors and not self.resend)
 
     def expired(self) -> None:
         if not self.raw.done() and not self.out.done():
-            self._settle([timeout_failure(self.state.name, self.timeout, i, self.attempt) for i in self.indices])
-            self.state.discard(self.worker)
+            self._settle([timeout_failure(self.state.name, self.limit, i, self.attempt) for i in self.indices])
+            self.state.discard(self.worker, self)
 
     def given_up(self, o: asyncio.Future) -> None:
         if o.cancelled() and not self.raw.done():  # the caller gave up: kill the job
-            self.state.discard(self.worker)
+            calls = self.lane.calls
+            if calls and calls[0] is self:
+                self.state.discard(self.worker, self)
+            else:  # it has not started: killed when it does (Lane), the jobs ahead of it go on
+                self.abandoned = True
 
 
-async def call(state: HostState, slot: int, fn: Callable, fn_bytes: bytes, body, index: int, *,
-               timeout: float | None = None, loads=None) -> Result:
-    """``fn`` on one slot of a host (its worker started if needed): one Result."""
-    worker = await state.worker(slot)
-    if worker is None:
-        return state.failure(index)
-    try:
-        job = Call(state, worker, protocol.CALL, fn, fn_bytes, body, (index,), timeout=timeout, loads=loads)
-    except Exception as exc:
-        return pickling_failure(exc, state.name, index)
-    return await job.out
+# -- the controller's queue: jobs go to a worker when it can take them -----------------------
+TINY = 0.001  # seconds: a job expected to take at most this may wait on a worker behind others
+PIPELINE = 0.005  # expected seconds of such jobs waiting on one worker, at most
+MAX_DEPTH = 128  # jobs sent to one worker and not answered, at most
+OVERHEAD = 50e-6  # seconds a job costs its worker beyond its own run (frames, unpickling)
+DECAY = 0.8  # how fast a function's expected duration falls after a long run (per result)
 
 
-async def ping(state: HostState, rounds: int, timeout: float | None) -> Result:
-    """An empty job's round trip through slot 0's worker, ``rounds`` times: the median."""
+class Job:
+    """One job of ``submit``, ``gather`` or ``ping`` in a Dispatcher: waiting for a worker,
+    or running as ``call``.  ``pin``: the host it must run on (gather, ping); ``deadline``:
+    when its timeout ends, counted from the call (start included), for a pinned job."""
+
+    __slots__ = ("dispatcher", "fn", "fn_bytes", "body", "index", "timeout", "deadline", "safe_results", "pin",
+                 "out", "key", "alone", "call", "timer")
+
+    def __init__(self, dispatcher: "Dispatcher", fn: Callable, fn_bytes: bytes, body, index: int,
+                 timeout: float | None, deadline: float | None, safe_results, pin: HostState | None):
+        self.dispatcher = dispatcher
+        self.fn = fn
+        self.fn_bytes = fn_bytes
+        self.body = body
+        self.index = index
+        self.timeout = timeout
+        self.deadline = deadline
+        self.safe_results = safe_results
+        self.pin = pin
+        self.out: asyncio.Future = asyncio.get_running_loop().create_future()
+        # what the expected duration is learnt for: the function's code, whatever its cells hold
+        self.key = getattr(fn, "__code__", None) or fn_bytes
+        self.alone = False
+        self.call: Call | None = None
+        self.timer = None
+
+    def settled(self, call: Call, results: list[Result]) -> None:
+        self.dispatcher.settled(self, call, results[0])
+
+    def resend(self, call: Call) -> None:
+        self.dispatcher.resend(self, call)
+
+
+class Dispatcher:
+    """The controller's queue of a Cluster's jobs (``submit``; ``gather`` and ``ping``,
+    pinned to a host): a job goes to a worker only when that worker can take it, so a job
+    never waits behind another on a worker while a worker is free, and a worker killed for
+    one job's timeout holds no other job that had started.
+
+    A worker takes a job when it has none; it may also take more while it runs one when they
+    are all short (their function's measured duration is under ``TINY``, no timeout) and no
+    worker is starting, up to ``PIPELINE`` seconds of them: tiny jobs are bound by round
+    trips, not by the hosts, and that keeps the pipe full.  A worker whose running job overruns its usual time takes no
+    more.  Jobs whose worker ended before they started are sent again, first in line.
+
+    It hears from the hosts (``freed``: a worker can take more or has ended; ``host_changed``:
+    failed, lost, back) and starts workers (or reconnects hosts) while jobs wait."""
+
+    def __init__(self, states: list[HostState], loads: Callable[[HostState, Any], Callable | None]):
+        self.states = states
+        self.loads = loads  # (state, safe_results) -> the results' unpickler
+        self.queue: deque[Job] = deque()
+        self.pinned: dict[int, deque[Job]] = {}
+        self.idle: dict[Worker, HostState] = {}
+        self.expected: dict[Any, float] = {}
+        self.starts = 0  # worker starts under way: while a worker is coming, no job waits on a busy one
+        self.closed = False
+        for state in states:
+            state.listener = self
+
+    # -- jobs in -----------------------------------------------------------------------
+    def submit(self, fn: Callable, fn_bytes: bytes, body, *, timeout: float | None = None, safe_results=None,
+               pin: HostState | None = None, index: int = 0, deadline: float | None = None) -> asyncio.Future:
+        """A job; the future of its Result (cancel it to give the job up)."""
+        job = Job(self, fn, fn_bytes, body, index, timeout, deadline, safe_results, pin)
+        if self.closed:
+            job.out.set_result(self._closed_failure(job))
+        elif not self.place(job):
+            self._enqueue(job)
+        return job.out
+
+    def place(self, job: Job) -> bool:
+        """Send ``job`` now if a worker can take it."""
+        pin = job.pin
+        if pin is None:
+            idle = self.idle
+            while idle:
+                worker, state = idle.popitem()
+                lane = state.lanes.get(worker)
+                if state.serves(worker) and (lane is None or not lane.calls):
+                    self._send(state, worker, job)
+                    return True
+            found = self._pipe(job, self.states) if self._short(job) else None
+        else:
+            found = self._pipe(job, (pin,), idle_only=not self._short(job))
+        if found is None:
+            return False
+        self._send(found[0], found[1], job)
+        return True
+
+    def _short(self, job: Job) -> bool:
+        e = self.expected.get(job.key)
+        return e is not None and e <= TINY and job.timeout is None and not job.alone and not self.starts
+
+    def starting(self, delta: int) -> None:
+        self.starts += delta
+
+    def _pipe(self, job: Job, states, idle_only: bool = False) -> tuple[HostState, Worker] | None:
+        """The worker that can take ``job`` with the fewest jobs: an idle one, or (a short job)
+        one whose jobs waiting are all short."""
+        e = self.expected.get(job.key) or 0.0
+        now = time.monotonic()
+        best = None
+        depth = MAX_DEPTH
+        for state in states:
+            if not state.usable:
+                continue
+            lanes = state.lanes
+            for w in state.workers:
+                if w is None or not w.alive:
+                    continue
+                lane = lanes.get(w)
+                if lane is None or not lane.calls:
+                    return state, w
+                if not idle_only and len(lane.calls) < depth and _fits(lane, e, now):
+                    best, depth = (state, w), len(lane.calls)
+        return best
+
+    def _accepts(self, lane: Lane, job: Job) -> bool:
+        if not lane.calls:
+            return True
+        return self._short(job) and _fits(lane, self.expected[job.key], time.monotonic())
+
+    def _enqueue(self, job: Job, first: bool = False) -> None:
+        pin = job.pin
+        if pin is not None:
+            if not pin.may_come and pin.lost is None:
+                job.out.set_result(self._host_failure(pin, job))
+                return
+            queue = self.pinned.get(pin.index)
+            if queue is None:
+                queue = self.pinned[pin.index] = deque()
+            fresh = not queue
+        else:
+            queue = self.queue
+            fresh = not queue
+            if fresh and not any(s.may_come or s.lost is not None for s in self.states):
+                job.out.set_result(self._no_host(job))
+                return
+        if first:
+            queue.appendleft(job)
+        else:
+            queue.append(job)
+        if job.timer is None and job.call is None:
+            loop = asyncio.get_running_loop()
+            if job.deadline is not None:
+                job.timer = loop.call_at(job.deadline, self._not_started, job)
+            elif job.timeout is not None and not self._any_live():
+                job.timer = loop.call_later(job.timeout, self._not_started, job)
+        if fresh or first:
+            self._want_workers(pin)
+
+    def _want_workers(self, pin: HostState | None) -> None:
+        """Jobs wait: start the workers missing (a slot whose worker was killed or ended), and
+        try a lost host again now."""
+        for state in (pin,) if pin is not None else self.states:
+            if state.lost is not None:
+                state.reconnect_now()
+            elif state.usable:
+                for slot in range(state.nslots):
+                    state.start_slot(slot)
+
+    def _any_live(self) -> bool:
+        return any(w is not None and w.alive for s in self.states if s.usable for w in s.workers)
+
+    # -- jobs out ----------------------------------------------------------------------
+    def _send(self, state: HostState, worker: Worker, job: Job) -> None:
+        self.idle.pop(worker, None)
+        if job.timer is not None:
+            job.timer.cancel()
+            job.timer = None
+        timeout = job.timeout
+        if job.deadline is not None:
+            timeout = job.deadline - asyncio.get_running_loop().time()
+            if timeout <= 0:
+                job.out.set_result(self._timeout(job, started=False))
+                return
+        e = self.expected.get(job.key)
+        try:
+            job.call = Call(state, worker, protocol.CALL, job.fn, job.fn_bytes, job.body, (job.index,),
+                            timeout=timeout, limit=job.timeout, loads=self.loads(state, job.safe_results),
+                            owner=job, out=job.out, queueable=self._short(job), expected=e or 0.0)
+        except Exception as exc:
+            if not job.out.done():
+                job.out.set_result(pickling_failure(exc, state.name, job.index))
+
+    def settled(self, job: Job, call: Call, result: Result) -> None:
+        job.call = None
+        if job.timer is not None:
+            job.timer.cancel()
+            job.timer = None
+        error = result.error
+        took = call.limit if isinstance(error, Timeout) else result.duration
+        if result.ok or isinstance(error, (RemoteError, Timeout)):  # the job ran: what it took
+            new = took + OVERHEAD
+            old = self.expected.get(job.key)
+            if len(self.expected) > 4096:
+                self.expected.clear()
+            self.expected[job.key] = new if old is None or new > old else max(new, old * DECAY)
+        if not job.out.done():
+            job.out.set_result(result)
+
+    def resend(self, job: Job, call: Call) -> None:
+        """``job``'s worker ended before it started (or beside it): it runs again, first in line."""
+        job.call = None
+        job.alone = job.alone or call.alone
+        if job.out.done():
+            return
+        if self.closed:
+            job.out.set_result(self._closed_failure(job))
+        elif not self.place(job):
+            self._enqueue(job, first=True)
+
+    # -- what the hosts say ----------------------------------------------------------------
+    def freed(self, state: HostState, worker: Worker) -> None:
+        """A worker of ``state`` started, finished a job, or ended: give it what it can take."""
+        if self.closed:
+            return
+        pinned = self.pinned.get(state.index)
+        queue = self.queue
+        if not state.serves(worker):
+            self.idle.pop(worker, None)
+            if queue or pinned:
+                self._want_workers(state if pinned and not queue else None)
+            return
+        lane = state.lanes.get(worker)
+        if pinned or queue:
+            if lane is None:
+                lane = state.lane(worker)
+            while state.serves(worker):
+                source = pinned if pinned else queue
+                if not source:
+                    break
+                job = source[0]
+                if job.out.done():  # given up or timed out while it waited
+                    source.popleft()
+                    continue
+                if not self._accepts(lane, job):
+                    break
+                source.popleft()
+                self._send(state, worker, job)
+        if state.serves(worker) and (lane is None or not lane.calls):
+            self.idle[worker] = state
+
+    def host_changed(self, state: HostState) -> None:
+        """A host failed, lost its connection, or a reconnect attempt ended: fail the jobs that
+        no host can take now."""
+        if self.closed:
+            return
+        pinned = self.pinned.get(state.index)
+        if pinned and not state.may_come:
+            while pinned:
+                job = pinned.popleft()
+                if not job.out.done():
+                    job.out.set_result(self._host_failure(state, job))
+        if self.queue and not any(s.may_come for s in self.states):
+            while self.queue:
+                job = self.queue.popleft()
+                if not job.out.done():
+                    job.out.set_result(self._no_host(job))
+
+    def waiting_for(self, state: HostState) -> bool:
+        """Jobs wait that a worker of ``state`` could take (a map leaves it room for them)."""
+        return bool(self.queue) or bool(self.pinned.get(state.index))
+
+    def close(self) -> None:
+        """The Cluster closes: the jobs still waiting fail."""
+        self.closed = True
+        for queue in (self.queue, *self.pinned.values()):
+            while queue:
+                job = queue.popleft()
+                if not job.out.done():
+                    job.out.set_result(self._closed_failure(job))
+
+    # -- failures ------------------------------------------------------------------------
+    def _not_started(self, job: Job) -> None:
+        job.timer = None
+        if job.call is not None or job.out.done():
+            return
+        if job.deadline is None and self._any_live():
+            return  # a submitted job waits for busy workers: not counted against its timeout
+        job.out.set_result(self._timeout(job, started=False))
+
+    def _timeout(self, job: Job, started: bool) -> Result:
+        return not_started(job.timeout, job.pin, job.index)
+
+    def _host_failure(self, state: HostState, job: Job) -> Result:
+        return state.failure(job.index)
+
+    def _no_host(self, job: Job) -> Result:
+        dead = next((s for s in self.states if s.error is not None or s.lost is not None), None)
+        return dead.failure(job.index) if dead else failed(NoHosts("no host is available"), "-", job=job.index)
+
+    def _closed_failure(self, job: Job) -> Result:
+        host = job.pin.name if job.pin is not None else "-"
+        return failed(NotConnected("the Cluster was closed before the job was sent"), host, job=job.index)
+
+
+def _fits(lane: Lane, expected: float, now: float) -> bool:
+    """A short job may wait on this worker: only short jobs there, few enough, and the one
+    running has not overrun its usual time."""
+    calls = lane.calls
+    return (not lane.blocking and len(calls) < MAX_DEPTH and lane.queued + expected <= PIPELINE
+            and now - lane.since <= 4 * calls[0].expected + 0.002)
+
+
+async def ping(dispatcher: Dispatcher, state: HostState, rounds: int, timeout: float | None) -> Result:
+    """An empty job's round trip through a worker of a host, ``rounds`` times: the median."""
     fn_bytes = pickle_function(int)  # a builtin: nothing to ship, nothing to import
     body = dumps(((), {}))
     times = []
     result = state.failure(state.index)
+    loop = asyncio.get_running_loop()
     for _ in range(max(1, rounds)):
         t0 = time.perf_counter()
-        result = await call(state, 0, int, fn_bytes, body, state.index, timeout=timeout, loads=state.loads)
+        deadline = None if timeout is None else loop.time() + timeout
+        result = await dispatcher.submit(int, fn_bytes, body, timeout=timeout, pin=state, index=state.index,
+                                         deadline=deadline)
         if not result.ok:
             return result
         times.append(time.perf_counter() - t0)
@@ -363,14 +723,16 @@ async def ping(state: HostState, rounds: int, timeout: float | None) -> Result:
     return result
 
 
-def least_loaded(workers: list[Worker]) -> Worker | None:
-    best = None
-    for w in workers:
-        if w.alive and (best is None or w.in_flight < best.in_flight):
-            best = w
-            if w.in_flight == 0:
-                break
-    return best
+def not_started(timeout: float, state: HostState | None, index: int) -> Result:
+    """The Result of a job whose timeout ran out before it was sent to a worker."""
+    if state is not None and state.live_workers():
+        why = "its host's workers were busy with other jobs"
+    elif state is not None:
+        why = "no worker of its host was up in time (connecting, starting or reconnecting)"
+    else:
+        why = "no worker was up in time (connecting, starting or reconnecting)"
+    return failed(Timeout(f"the job did not start within {timeout:g}s: {why}"), state.name if state else "-",
+                  job=index)
 
 
 class Chunk(NamedTuple):
@@ -387,14 +749,17 @@ class MapRun:
     """One ``map``: a queue of Chunks, one pump per slot, Results by index.
 
     ``ready(state)`` waits until a host is up (the Cluster's start); ``loads(state)`` is a
-    host's results' unpickler."""
+    host's results' unpickler; ``waiting(state)``: whether jobs of other calls wait for a
+    worker of that host (the pumps then leave a worker room for them as its chunks end)."""
 
     def __init__(self, hosts: list[HostState], ready: Callable[[HostState], Awaitable[bool]], fn: Callable,
                  fn_bytes: bytes, items: list, *, chunksize: int | None, timeout: float | None, retries: int,
-                 loads: Callable[[HostState], Callable | None]):
+                 loads: Callable[[HostState], Callable | None],
+                 waiting: Callable[[HostState], bool] = lambda state: False):
         self.hosts = hosts
         self.ready = ready
         self.loads = loads
+        self.waiting = waiting
         self.fn = fn
         self.fn_bytes = fn_bytes
         self.items = items
@@ -408,6 +773,8 @@ class MapRun:
         self.wake = asyncio.Event()
         self.finished = asyncio.Event()
         self.outstanding = 0  # jobs sent and not yet answered, over all pumps
+        self.active = 0  # pumps at work (one per slot of a host that is up)
+        self.given_up: set[int] = set()  # hosts whose worker did not start within the timeout
         # With a timeout each job is one item and runs alone, so the clock is its own.
         self.depth = 1 if timeout else DEPTH
 
@@ -417,7 +784,9 @@ class MapRun:
             return []
         # Hosts still starting count with their inventory's slots ("auto" hosts are started).
         nslots = sum(s.nslots if s.up else int(s.host.slots) for s in self.hosts if s.error is None)
-        size = self.chunksize or (1 if self.timeout else chunk_size(n, max(1, nslots)))
+        # With a timeout (per item) each item is a job of its own, whatever the chunksize:
+        # one item's overrun must not fail the others of its chunk.
+        size = 1 if self.timeout else (self.chunksize or chunk_size(n, max(1, nslots)))
         for start in range(0, n, size):
             self.queue.append(Chunk(start, min(n, start + size), 1, False))
         # Few jobs: one pump must not take several while other slots stay idle.
@@ -447,15 +816,35 @@ class MapRun:
         if not up.result():
             self.note_lost(state)
             return
-        if not state.usable:
-            self.note_lost(state)
-            return
-        await asyncio.gather(*(self.pump(state, slot) for slot in state.slots()))
+        while not self.finished.is_set() and state.index not in self.given_up:
+            if state.usable:
+                await asyncio.gather(*(self.pump(state, slot) for slot in state.slots()))
+                continue
+            if state.lost is None:  # failed for good, or closed
+                self.note_lost(state)
+                return
+            # Its connection dropped: it reconnects in the background.  While other hosts
+            # work, wait for it; alone, give it one more attempt now.
+            if not self.active:
+                state.reconnect_now()
+            attempt = state.next_attempt()
+            await _first(attempt, self.finished.wait())
+            if attempt.done() and not attempt.cancelled() and not attempt.result() and not self.active \
+                    and not state.usable:
+                self.note_lost(state)
+                return
 
     def note_lost(self, state: HostState) -> None:
         """A host that failed gives the items no host could run their error, if none yet."""
-        if state.error is not None and self.last_error is None:
+        if (state.error is not None or state.lost is not None) and self.last_error is None:
             self.last_error = state.failure()
+
+    def note_slow_start(self, state: HostState) -> None:
+        """No worker of ``state`` started within the timeout: this map goes on without it."""
+        self.given_up.add(state.index)
+        if self.last_error is None:
+            self.last_error = failed(Timeout(f"the job did not start within {self.timeout:g}s: no worker of"
+                                             f" {state.name} was up in time"), state.name)
 
     def fail_rest(self) -> None:
         for i, r in enumerate(self.results):
@@ -469,6 +858,7 @@ class MapRun:
 
     async def pump(self, state: HostState, slot: int) -> None:
         inflight: dict[asyncio.Future, tuple[Chunk, Call]] = {}
+        self.active += 1
         try:
             await self._pump(state, slot, inflight)
         except asyncio.CancelledError:
@@ -476,55 +866,98 @@ class MapRun:
             for fut in inflight:
                 fut.cancel()
             raise
+        finally:
+            self.active -= 1
+
+    async def _worker(self, state: HostState, slot: int) -> Worker | None:
+        """The slot's worker, started again if it was killed or ended; None when the host is
+        gone, when the map is done meanwhile, or (a timeout) when the start takes longer than
+        it while no other pump works: the call's timeout counts a worker's start too."""
+        task = state.start_slot(slot)
+        if task is None:
+            return state.workers[slot] if state.usable and slot < len(state.workers) else None
+        start = asyncio.shield(task)  # the start goes on for later calls whatever this map does
+        finished = asyncio.ensure_future(self.finished.wait())
+        try:
+            while True:
+                done, _ = await asyncio.wait((start, finished), timeout=self.timeout,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if start in done:
+                    return start.result()
+                if finished in done:
+                    return None
+                if self.active <= 1:
+                    self.note_slow_start(state)
+                    return None
+        finally:
+            finished.cancel()
+            start.cancel()
 
     async def _pump(self, state: HostState, slot: int, inflight: dict) -> None:
         loads = self.loads(state)
         while True:
-            worker = await state.worker(slot)
+            worker = await self._worker(state, slot)
             if worker is None:  # the host is gone; others take the work
+                if inflight:  # its jobs end with it: hear how (a lost host's counts as an attempt)
+                    done, _ = await asyncio.wait(inflight)
+                    self._collect(state, done, inflight)
+                    continue
                 self.note_lost(state)
                 break
-            while self.queue and len(inflight) < self.depth and worker.alive:
-                if inflight and (self.queue[0].alone or any(c.alone for c, _ in inflight.values())):
-                    break
-                chunk = self.queue.popleft()
-                job = self.send(state, worker, chunk, loads)
-                if job is not None:
-                    inflight[job.out] = (chunk, job)
-                    self.outstanding += 1
-                    if chunk.alone:
+            lane = state.lane(worker)
+            # Another call's job on this worker: this map sends it nothing more until it is
+            # done; and with other calls' jobs waiting, it leaves the worker to them as it frees.
+            foreign = len(lane.calls) > len(inflight)
+            if not foreign and not (inflight and self.waiting(state)):
+                while self.queue and len(inflight) < self.depth and worker.alive:
+                    if inflight and (self.queue[0].alone or any(c.alone for c, _ in inflight.values())):
                         break
+                    chunk = self.queue.popleft()
+                    job = self.send(state, worker, chunk, loads)
+                    if job is not None:
+                        inflight[job.out] = (chunk, job)
+                        self.outstanding += 1
+                        if chunk.alone:
+                            break
             if not inflight:
                 if not self.queue and self.outstanding == 0:
                     self.finished.set()
                     break
-                # Others still hold work that may come back for a retry.
                 self.wake.clear()
-                await self.wake.wait()
+                if foreign and self.queue:  # wait for the worker to be free
+                    await _first(state.when_free(), self.wake.wait())
+                else:  # others still hold work that may come back for a retry
+                    await self.wake.wait()
                 continue
             done, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
-            for fut in done:
-                chunk, job = inflight.pop(fut)
-                self.outstanding -= 1
-                got = fut.result()
-                if job.error is None:  # results, or a timeout (never tried again)
-                    self.results[chunk.start:chunk.end] = got
-                elif not chunk.alone and isinstance(job.error, WorkerLost):
-                    # The worker died under this job or one beside it: run its items again one
-                    # by one, each alone on its worker (same attempt), so only the item that
-                    # kills a worker fails and the others still run.
-                    self.queue.extend(Chunk(i, i + 1, chunk.attempt, True) for i in range(chunk.start, chunk.end))
-                elif chunk.attempt <= self.retries:
-                    self.queue.append(chunk._replace(attempt=chunk.attempt + 1))
-                else:
-                    self.results[chunk.start:chunk.end] = got
-                    self.last_error = got[-1]
-                    state.events.done(state.name, got)
-            self.wake.set()
+            self._collect(state, done, inflight)
         # A pump that stops hands its unfinished work back.
         for chunk, _ in inflight.values():
             self.outstanding -= 1
             self.queue.append(chunk)
+        self.wake.set()
+
+    def _collect(self, state: HostState, done, inflight: dict) -> None:
+        """Results of finished jobs in; jobs to run again back in the queue."""
+        for fut in done:
+            chunk, job = inflight.pop(fut)
+            self.outstanding -= 1
+            got = fut.result()
+            if job.resend and not job.alone:  # its worker ended before it started: not charged
+                self.queue.appendleft(chunk)
+            elif job.error is None:  # results, or a timeout (never tried again)
+                self.results[chunk.start:chunk.end] = got
+            elif isinstance(job.error, WorkerLost) and (not chunk.alone or job.resend):
+                # The worker died under this job or one beside it: run its items again one
+                # by one, each alone on its worker (same attempt), so only the item that
+                # kills a worker fails and the others still run.
+                self.queue.extend(Chunk(i, i + 1, chunk.attempt, True) for i in range(chunk.start, chunk.end))
+            elif chunk.attempt <= self.retries:
+                self.queue.append(chunk._replace(attempt=chunk.attempt + 1))
+            else:
+                self.results[chunk.start:chunk.end] = got
+                self.last_error = got[-1]
+                state.events.done(state.name, got)
         self.wake.set()
 
     def send(self, state: HostState, worker: Worker, chunk: Chunk, loads) -> Call | None:
@@ -544,3 +977,13 @@ class MapRun:
             else:
                 self.queue.append(Chunk(i, i + 1, chunk.attempt, False))
         return None
+
+
+async def _first(*waits: Awaitable) -> None:
+    """Wait until the first of ``waits`` is done; the others are cancelled."""
+    futures = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for f in futures:
+            f.cancel()

@@ -161,6 +161,9 @@ class Worker:
         self._hello = loop.create_future()
         try:
             self._chan, _ = await conn.create_session(lambda: _Session(self), self.command(), encoding=None)
+        except asyncio.CancelledError:
+            self._release()
+            raise
         except asyncssh.ChannelOpenError as exc:
             self._release()
             if conn.is_closed():
@@ -178,11 +181,17 @@ class Worker:
             self._chan.write(WORKER.start(workdir) + protocol.pack(protocol.CONFIG, 0, pickle.dumps(config, protocol=4)))
         except (BrokenPipeError, asyncssh.Error, OSError):
             pass  # it ended already (no such python, say): _lost() tells the hello why
+        # A start that hangs (an interpreter that never answers, a stopped host) is killed,
+        # not just closed: a process that does not read its input would outlive the controller.
         try:
             self.hello = await asyncio.wait_for(asyncio.shield(self._hello), timeout)
         except asyncio.TimeoutError:
-            self.close()
-            raise WorkerStartError(f"{self.host.target}: worker did not start within {timeout:g}s") from None
+            self.kill()
+            raise WorkerStartError(f"{self.host.target}: worker did not start within {timeout:g}s;"
+                                   " its process was killed") from None
+        except asyncio.CancelledError:
+            self.kill()
+            raise
         mine, theirs = sys.version_info[:2], tuple(self.hello["python"][:2])
         if mine != theirs:
             self.close()

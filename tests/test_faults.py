@@ -16,7 +16,7 @@ from functools import partial
 
 import pytest
 
-from sshjobs import HostLost, Inventory, Timeout
+from sshjobs import Inventory, Timeout
 
 from .conftest import sshd_sessions, user_processes, wait_no_processes
 
@@ -267,11 +267,11 @@ def test_map_retries_run_lost_jobs_on_other_hosts_and_keep_received_results(inv,
             k = asyncio.create_task(killer())
             results = await cluster.map(slow_square, range(60), retries=1, chunksize=2)
             await k
-            return results, cluster.states[1].error
+            return results, cluster.states[1]
 
     with faults.inject("host lost in the middle of a map (retries=1)"):
-        results, error = asyncio.run(go())
-        assert isinstance(error, HostLost) and error.type == "HostLost"
+        results, state = asyncio.run(go())
+        assert state.error is None and state.reconnects >= 1  # lost, then back (see test_reliability_sched)
         faults.expect(results, {i: i * i for i in range(60)})
         assert any(r.host == "node08" for r in results)  # it took part before it was lost
         assert any(r.attempts == 2 for r in results)  # and its jobs ran again elsewhere
