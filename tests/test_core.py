@@ -276,7 +276,9 @@ def test_more_slots_than_max_sessions_opens_more_connections(lab):
 
     async def go():
         async with inv.connect() as cluster:
-            results = await cluster.map(lambda x: __import__("os").getpid(), range(200), chunksize=1)
+            # jobs long enough that the queue keeps every slot's worker busy until all 12 run
+            results = await cluster.map(lambda x: (__import__("time").sleep(0.1), __import__("os").getpid())[1],
+                                        range(200), chunksize=1)
             user = lab.hosts[0].user
             return results, await asyncio.to_thread(sshd_sessions, user), await asyncio.to_thread(user_processes, user)
 

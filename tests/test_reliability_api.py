@@ -154,7 +154,7 @@ def test_cli_json_logs_keep_field_names_a_log_record_has_too(lab, tmp_path):
     events = [json.loads(line) for line in p.stderr.splitlines()]
     (failed,) = [e for e in events if e["event"] == "failed"]
     assert failed["host"] == "ghost" and failed["error"] == "ConnectionRefused"
-    assert failed["message"] == f"{lab.hosts[0].user}@{GHOST}: connection refused"
+    assert failed["message"] == f"{lab.hosts[0].user}@{GHOST}:22: connection refused"
 
 
 # -- 10: keyword and argument traps ---------------------------------------------------------
