@@ -44,6 +44,9 @@ Every error has ``type`` (the kind), ``message``, ``host`` (inventory name or No
 
 from __future__ import annotations
 
+import builtins
+import sys
+
 
 class SshjobsError(Exception):
     """The root of every error sshjobs raises or reports."""
@@ -237,21 +240,77 @@ class JobError(SshjobsError):
 
 
 class RemoteError(JobError):
-    """The job raised on the host: ``type`` is its exception's name, ``traceback`` the
-    remote traceback text."""
+    """The job raised on the host: ``type`` is its exception's name, ``module`` the module
+    that defines it, ``traceback`` the remote traceback text.
+
+    Made by ``remote_error``, it is an instance of the job's own exception class too when
+    the controller has that class (its module imported here), so that ``except
+    ValueError`` catches a remote ValueError.  Such an error is not the original object:
+    its ``args`` are ``(message,)``, and the class's other attributes are not set."""
 
     kind = "RemoteError"
 
-    def __init__(self, type: str, message: str = "", traceback: str = "", host: str | None = None):
-        super().__init__(message, host, traceback)
+    def __init__(self, type: str, message: str = "", traceback: str = "", host: str | None = None,
+                 module: str | None = None):
+        SshjobsError.__init__(self, message, host, traceback)
         self._type = type
+        self.module = module
 
     @property
     def type(self) -> str:
         return self._type
 
     def __reduce__(self):
-        return (RemoteError, (self._type, self.message, self.traceback, self.host))
+        return (remote_error, (self._type, self.message, self.traceback, self.host, self.module))
+
+
+_DUALS: dict[type, type] = {}
+
+
+def _local_class(module: str | None, qualname: str) -> type | None:
+    """The controller's class ``module.qualname``, when that module is imported here and
+    the class is an Exception that can be a RemoteError too."""
+    if not module or "<" in qualname:
+        return None
+    obj = sys.modules.get(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    if not isinstance(obj, type) or not issubclass(obj, Exception) or issubclass(obj, SshjobsError):
+        return None
+    return obj
+
+
+def _dual(cls: type) -> type | None:
+    dual = _DUALS.get(cls)
+    if dual is None and cls not in _DUALS:
+        def __init__(self, type, message="", traceback="", host=None, module=None):
+            RemoteError.__init__(self, type, message, traceback, host, module)  # not cls.__init__
+
+        def __new__(klass, type, message="", *rest, **kw):
+            return cls.__new__(klass, message)
+
+        try:
+            dual = builtins.type(f"RemoteError({cls.__name__})", (RemoteError, cls),
+                                 {"__init__": __init__, "__new__": __new__, "__module__": __name__,
+                                  "__qualname__": f"RemoteError({cls.__qualname__})"})
+        except TypeError:  # a class that cannot be subclassed, or whose layout conflicts
+            dual = None
+        _DUALS[cls] = dual
+    return dual
+
+
+def remote_error(type: str, message: str = "", traceback: str = "", host: str | None = None,
+                 module: str | None = None) -> RemoteError:
+    """The RemoteError for a job's exception ``type`` (its qualified name) of ``module``:
+    also an instance of that class when the controller has it (see RemoteError)."""
+    cls = _local_class(module, type)
+    dual = _dual(cls) if cls is not None else None
+    if dual is not None:
+        try:
+            return dual(type, message, traceback, host, module)
+        except Exception:  # an unusual __new__: the plain error says as much
+            pass
+    return RemoteError(type, message, traceback, host, module)
 
 
 class Timeout(JobError):

@@ -22,7 +22,7 @@ from typing import Any, Awaitable, Callable, NamedTuple, Sequence
 import cloudpickle
 
 from .errors import (HostLost, NoHosts, NotConnected, PicklingError, ProtocolError, RemoteError, SshjobsError, Timeout,
-                     WorkerLost)
+                     WorkerLost, remote_error)
 from .hosts import HostState, Lane
 from .remote import protocol
 from .result import Result, failed, failure
@@ -228,16 +228,36 @@ def make_results(worker: Worker, raw, outputs, indices: Sequence[int], attempts:
             d.value.host = host
             results.append(Result(host, False, None, d.value, so, se, d.duration, attempts, index))
         else:
-            etype, msg, tb = d.value
+            etype, msg, tb = d.value[:3]
+            module = d.value[3] if len(d.value) > 3 else None
+            if len(d.value) > 4 and d.value[4]:
+                msg = f"{msg} ({load_hint(d.value[4])})"
             if fn is not None and "<dynamic-code>" in tb:
                 tb = enrich_traceback(tb, code_files(fn))
-            results.append(Result(host, False, None, RemoteError(etype, msg, tb, host), so, se, d.duration,
-                                  attempts, index))
+            results.append(Result(host, False, None, remote_error(etype, msg, tb, host, module), so, se,
+                                  d.duration, attempts, index))
     if len(results) < len(indices):  # a job that errored before its items ran
         first = results[0] if results else failure(host, ProtocolError.kind, "no result")
         for index in indices[len(results):]:
             results.append(Result(host, False, None, first.error, "", "", 0.0, attempts, index))
     return results
+
+
+def load_hint(hint: dict) -> str:
+    """What a host's failure to unpickle a job's function or arguments means, from the
+    package it missed and the versions of it here and there."""
+    what, package = hint.get("loading", "arguments"), hint.get("package", "?")
+    mine = getattr(sys.modules.get(package), "__version__", None)
+    mine = mine if isinstance(mine, str) else None
+    if not hint.get("installed"):
+        return (f"the job's {what} need {package}, which this host cannot import: install it there"
+                f" (requirements=[{package + '==' + mine if mine else package!r}]), or, for a module of your"
+                f" own, have cloudpickle send it by value (cloudpickle.register_pickle_by_value)")
+    theirs = hint.get("version")
+    if mine and theirs and mine != theirs:
+        return (f"the job's {what} were pickled with {package} {mine}, and this host has {package} {theirs}:"
+                f" install the controller's version there (requirements=[{package + '==' + mine!r}])")
+    return f"loading the job's {what} on this host, whose {package} is {theirs or 'of unknown version'}"
 
 
 def timeout_failure(host: str, timeout: float | None, index: int, attempts: int = 1) -> Result:

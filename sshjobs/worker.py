@@ -379,7 +379,7 @@ class Worker:
             if self._hello and not self._hello.done():
                 self._hello.set_result(json.loads(body))
         elif kind == protocol.FATAL:
-            etype, msg, tb = json.loads(body)
+            etype, msg, tb = json.loads(body)[:3]
             err = WorkerStartError(f"{self.host.target}: worker failed to start: {etype}: {msg}")
             if self._hello and not self._hello.done():
                 self._hello.set_exception(err)
@@ -552,6 +552,23 @@ class Item(NamedTuple):
     duration: float
 
 
+def unpickle_hint(exc: BaseException) -> str:
+    """For a value that did not unpickle here for want of a module: which package, and its
+    version here (a host with another version pickles what this one cannot load)."""
+    if isinstance(exc, ImportError) and exc.name:
+        package = exc.name.partition(".")[0]
+    elif isinstance(exc, AttributeError) and "<module '" in str(exc):
+        package = str(exc).split("<module '", 1)[1].split("'", 1)[0].partition(".")[0]
+    else:
+        return ""
+    module = sys.modules.get(package)
+    if module is None:
+        return f" (the host's value needs {package}, which the controller cannot import: install it here)"
+    version = getattr(module, "__version__", None)
+    return (f" (the controller has {package} {version}: the host's {package} may be another version;"
+            f" install the same one on both)") if isinstance(version, str) else ""
+
+
 def decode_results(body, safe_loads=None) -> "list[Item] | AllOk":
     """RESULT payload -> one Item per job or map item.
 
@@ -577,7 +594,7 @@ def decode_results(body, safe_loads=None) -> "list[Item] | AllOk":
                 err = UnsafeResult(str(exc))
             else:
                 err = UnpicklableResult("the job's return value could not be unpickled on the controller: "
-                                        f"{type(exc).__name__}: {exc}")
+                                        f"{type(exc).__name__}: {exc}{unpickle_hint(exc)}")
             return list(map(Item._make, zip(repeat(False, n), repeat(err, n), repeat("", n), repeat("", n), durations)))
         return AllOk(values, durations)
     out = []
@@ -598,7 +615,7 @@ def decode_results(body, safe_loads=None) -> "list[Item] | AllOk":
             except Exception as exc:
                 ok = False
                 value = UnpicklableResult("the job's return value could not be unpickled on the controller:"
-                                          f" {type(exc).__name__}: {exc}")
+                                          f" {type(exc).__name__}: {exc}{unpickle_hint(exc)}")
         else:
             value = loads(blob, buffers=mine) if nbuf else loads(blob)
         out.append(Item(ok, value, so, se, took))

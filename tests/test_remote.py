@@ -373,3 +373,36 @@ def test_the_provisioning_bundle_runs_on_a_bare_python3(tmp_path):
             continue
         [cached] = (wd / "code").iterdir()
         assert cached.name.startswith(PROVISION.key) and stat.S_IMODE(cached.stat().st_mode) == 0o600
+
+
+def test_output_from_a_subprocess_and_prints_at_once_loses_nothing(worker):
+    # The pump adds the descriptors' output while the job prints: no line lost or doubled,
+    # each writer's lines in its own order, however they interleave.
+    def job(n):
+        import subprocess
+        import sys
+
+        child = subprocess.Popen(["stdbuf", "-oL", "seq", "-f", "fd %g", str(n)])  # a write(2) a line
+        for i in range(1, n + 1):
+            sys.stdout.write(f"py {i}\n")  # whole lines: print's pieces may have the child's between them
+        child.wait()
+        return n
+
+    send(worker, protocol.FUNC, 1, cloudpickle.dumps(job))
+    send(worker, protocol.CALL, 2, protocol.FID.pack(1) + pickle.dumps(((200_000,), {})))
+    streamed = []
+    while True:
+        kind, _, body = reply(worker)
+        if kind == protocol.OUTPUT:
+            stream, _ = protocol.OUTPUT_HEAD.unpack_from(body)
+            streamed.append(body[protocol.OUTPUT_HEAD.size:].decode())
+            continue
+        break
+    [(ok, value, out, err, took)] = decode_results(body)
+    assert ok, value
+    lines = ("".join(streamed) + out).splitlines()
+    assert len(streamed) > 1  # it streamed, in pieces, while the job ran
+    expected = [f"{w} {i}" for i in range(1, 200_001) for w in ("py", "fd")]
+    assert sorted(lines) == sorted(expected)
+    for who in ("py", "fd"):
+        assert [ln for ln in lines if ln.startswith(who)] == [f"{who} {i}" for i in range(1, 200_001)]

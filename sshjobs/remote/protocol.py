@@ -260,11 +260,13 @@ def _json(value):
 
 
 def error_info(exc):
-    """(type name, message, traceback text) of an exception, for the controller."""
+    """(type name, message, traceback text, module of the type) of an exception, for the
+    controller (which raises it as that type too when it has the class)."""
     import traceback  # imported when first needed: it pulls in re, tokenize, linecache
 
     return (
         type(exc).__qualname__,
         str(exc),
         "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        type(exc).__module__,
     )

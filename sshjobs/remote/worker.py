@@ -5,8 +5,15 @@ its stdin closes.  cloudpickle is asked for (NEED_MODULES, answered by MODULES) 
 job needs it and the host has not the controller's version: a plain function is loaded
 without it (the light loaders below), so a first contact costs what a later one does.
 Nothing but frames is ever written to the protocol stream: ``main()``
-moves the real stdout away before running anything and points file descriptor 1 at
-stderr, so stray output from C code or subprocesses cannot corrupt it.
+moves the real stdout away before running anything and points file descriptors 1 and 2
+at pipes the worker reads (``_FdOutput``), so what C code and subprocesses write is the
+job's output too, and cannot corrupt the stream.  Output written while no job runs (a
+thread a finished job left behind, say) belongs to no job: it goes to the worker's own
+stderr, which the controller keeps for its error reports.
+
+After each call (and each batch of a map) the worker puts back the working directory,
+``os.environ``, ``sys.stdout`` and ``sys.stderr`` as they were before it; imports,
+``sys.path`` and module globals persist for the worker's life, as in multiprocessing.
 
 Stdlib only, and no syntax newer than the oldest host Python that must still be able to
 say which Python it is.  The host side of provisioning is not here (``provision``):
@@ -69,6 +76,8 @@ except ImportError:  # pragma: no cover
 _ATOMS = frozenset({int, float, bool, type(None), complex})  # values pickled without a Pickler
 OUTPUT_FLUSH = 64 * 1024  # stream job output in frames of about this size
 FLUSH_AFTER = 0.05  # seconds a finished result may wait in the buffer for company
+DRAIN_EVERY = 0.0002  # seconds: how stale a job's print may find its descriptors' output
+_monotonic = time.monotonic
 
 
 class _Flag(object):
@@ -108,13 +117,15 @@ def _config(payload):
 
 
 class _Capture(io.TextIOBase):
-    """A job's sys.stdout or sys.stderr: kept per job, streamed in large pieces."""
+    """A job's sys.stdout or sys.stderr: kept per job, streamed in large pieces.  What its
+    file descriptor gets (``_FdOutput``) joins it in the order the worker reads it."""
 
     def __init__(self, worker, stream):
         self._worker = worker
         self._stream = stream
         self._parts = []
         self._size = 0
+        self._lock = _thread.allocate_lock()  # for takes: the fd pump adds from its own thread
         self.buffer = _CaptureBytes(self)
 
     @property
@@ -128,18 +139,51 @@ class _Capture(io.TextIOBase):
         return False
 
     def write(self, text):
-        if not isinstance(text, str):
+        if type(text) is not str and not isinstance(text, str):
             raise TypeError("write() argument must be str, not %s" % type(text).__name__)
-        if text:
-            self._parts.append(text)
-            self._size += len(text)
-            if self._size >= OUTPUT_FLUSH:
-                self._worker.send_output(self._stream, self.take())
+        worker = self._worker
+        if not worker.running or (worker.foreign and _thread.get_ident() in worker.foreign):
+            if text:
+                worker.log(text)  # no job's: printed by a thread after its job returned
+            return len(text)
+        fd_output = worker.fd_output
+        # What the descriptors got before comes first: after a subprocess, or anything
+        # slower than DRAIN_EVERY since the last look (a look on every write made
+        # print-heavy jobs 5x slower).
+        if fd_output is not None and _monotonic() - fd_output.drained > DRAIN_EVERY:
+            fd_output.drain_all()
+        self._parts.append(text)
+        self._size += len(text)
+        if self._size >= OUTPUT_FLUSH:
+            self.send()
         return len(text)
 
+    def add(self, text):
+        """From the descriptors' pump: ``text`` joins the job's output."""
+        self._parts.append(text)
+        self._size += len(text)
+        if self._size >= OUTPUT_FLUSH:
+            self.send()
+
+    def send(self):
+        """Stream what is kept so far (taken and sent under the lock: in order)."""
+        with self._lock:
+            text = self._take()
+            if text:
+                self._worker.send_output(self._stream, text)
+
     def take(self):
-        text = "".join(self._parts)
-        self._parts = []
+        with self._lock:
+            return self._take()
+
+    def _take(self):
+        # Appends take no lock (the main thread's writes must stay cheap): the list is
+        # never swapped, and only the parts joined are removed, so an append made by
+        # the other thread meanwhile stays for the next take.
+        parts = self._parts
+        n = len(parts)
+        text = "".join(parts[:n])
+        del parts[:n]
         self._size = 0
         return text
 
@@ -154,6 +198,92 @@ class _CaptureBytes:
 
     def flush(self):
         pass
+
+
+class _FdOutput(object):
+    """File descriptors 1 and 2 as pipes this worker reads: a pump thread empties them as
+    output comes (so a chatty subprocess never blocks), and the main thread empties them
+    once more when a job ends, so that all a job wrote before it returned is its own.
+    Both read the non-blocking read ends under one lock, so no byte is ever in flight
+    between them.  What arrives while no job runs goes to the worker's own stderr."""
+
+    def __init__(self, worker, log_fd):
+        import codecs
+
+        self.worker = worker
+        self.log_fd = log_fd
+        self.lock = _thread.allocate_lock()
+        self.fds = {}  # read end -> (stream, incremental decoder)
+        for target, stream in ((1, STDOUT), (2, STDERR)):
+            r, w = os.pipe()
+            os.dup2(w, target)
+            os.close(w)
+            os.set_blocking(r, False)
+            self.fds[r] = (stream, codecs.getincrementaldecoder("utf-8")("replace"))
+        self.captures = None  # {stream: _Capture} once jobs run
+        self.drained = 0.0  # monotonic time of the main thread's last drain_all
+
+    def start(self):
+        import select
+
+        self.ready = select.poll()  # the main thread's: which pipes hold something now
+        poller = select.poll()  # the pump's
+        for r in self.fds:
+            self.ready.register(r, select.POLLIN)
+            poller.register(r, select.POLLIN)
+        _thread.start_new_thread(self.pump, (poller,))
+
+    def pump(self, poller):
+        while self.fds:
+            try:
+                ready = poller.poll()
+            except InterruptedError:  # pragma: no cover  (PEP 475 retries)
+                continue
+            with self.lock:
+                for r, _ in ready:
+                    if not self._drain(r):
+                        poller.unregister(r)  # every writer closed it (a job closed fd 1, say)
+
+    def drain_all(self):
+        """Everything the descriptors got until now, where it belongs (under the lock, so
+        that nothing the pump has read is still on its way)."""
+        self.drained = _monotonic()
+        with self.lock:
+            for r, _ in self.ready.poll(0):
+                if not self._drain(r):
+                    self.ready.unregister(r)
+
+    def _drain(self, r):
+        """Move what the pipe holds to the running job's capture or to the log; False at
+        end of file."""
+        entry = self.fds.get(r)
+        if entry is None:
+            return False
+        stream, decoder = entry
+        chunks = []
+        eof = False
+        while True:
+            try:
+                data = os.read(r, 1 << 16)
+            except BlockingIOError:
+                break
+            except OSError:
+                data = b""
+            if not data:
+                eof = True
+                break
+            chunks.append(data)
+        if chunks:
+            text = decoder.decode(b"".join(chunks))
+            if text:
+                if self.worker.running and self.captures is not None:
+                    self.captures[stream].add(text)
+                else:
+                    self.worker.log(text)
+        if eof:
+            del self.fds[r]
+            os.close(r)
+        return not eof
 
 
 def _preload(names):
@@ -188,6 +318,19 @@ class Worker:
         self.missing = None  # (workdir, version) of a cloudpickle the controller must send
         self.modules = None  # MODULES' payload, handed over by the reader thread
         self.modules_came = _Flag()
+        self.running = False  # a job runs: its output is captured
+        self.foreign = None  # ids of threads older than the running job (their output is no job's)
+        self.fd_output = None
+        self.log_fd = 2
+
+    def log(self, text):
+        """Write to the worker's own stderr (never the protocol stream)."""
+        data = text.encode("utf-8", "replace")
+        try:
+            while data:
+                data = data[os.write(self.log_fd, data):]
+        except OSError:
+            pass
 
     # -- output --------------------------------------------------------------
     def send(self, kind, job_id, payload=b"", flush=True):
@@ -363,6 +506,8 @@ class Worker:
         out = _Capture(self, STDOUT)
         err = _Capture(self, STDERR)
         sys.stdout, sys.stderr = out, err
+        if self.fd_output is not None:
+            self.fd_output.captures = {STDOUT: out, STDERR: err}
         funcs = self.funcs
         jobs = self.jobs
         last_flush = time.monotonic()
@@ -382,12 +527,16 @@ class Worker:
                 except BaseException as exc:
                     funcs[job_id] = _Unloadable(exc)
                 continue
-            if kind == CALL:
-                results = [self.call(funcs, payload, buffers, out, err)]
-            elif kind == MAP:
-                results = self.map(funcs, payload, buffers, out, err)
-            else:
+            if kind != CALL and kind != MAP:
                 continue
+            saved = self.begin()
+            try:
+                if kind == CALL:
+                    results = [self.call(funcs, payload, buffers, out, err)]
+                else:
+                    results = self.map(funcs, payload, buffers, out, err)
+            finally:
+                self.end(saved, out, err)
             # Batch replies while more jobs wait, but never hold a finished result back for
             # long: a worker that dies later would take it along.
             now = time.monotonic()
@@ -397,6 +546,48 @@ class Worker:
                 last_flush = now
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
 
+    def begin(self):
+        """What a job may change and the next job must not see, as it is before the job."""
+        threading = sys.modules.get("threading")
+        if threading is not None:  # threads started before this job: their output is no job's
+            me = _thread.get_ident()
+            self.foreign = set([t for t in getattr(threading, "_active", ()) if t != me]) or None
+        else:
+            self.foreign = None
+        try:
+            cwd = os.getcwd()
+        except OSError:  # the folder is gone
+            cwd = None
+        data = getattr(os.environ, "_data", None)
+        self.running = True
+        return cwd, dict(data) if data is not None else os.environ.copy()
+
+    def end(self, saved, out, err):
+        self.running = False
+        self.foreign = None
+        cwd, env = saved
+        if sys.stdout is not out or sys.stderr is not err:
+            sys.stdout, sys.stderr = out, err
+        try:
+            if cwd is not None and os.getcwd() != cwd:
+                os.chdir(cwd)
+        except OSError:
+            try:
+                os.chdir(cwd)
+            except OSError:
+                pass
+        data = getattr(os.environ, "_data", None)
+        if data is None:  # pragma: no cover  (not CPython)
+            if os.environ != env:
+                os.environ.clear()
+                os.environ.update(env)
+        elif data != env:
+            for key in [k for k in data if k not in env]:
+                del os.environ[os.environ.decodekey(key)]
+            for key, value in env.items():
+                if data.get(key) != value:
+                    os.environ[os.environ.decodekey(key)] = os.environ.decodevalue(value)
+
     def unpack_job(self, payload, buffers):
         (fid,) = FID.unpack_from(payload, 0)
         body = memoryview(payload)[FID.size:]
@@ -404,14 +595,25 @@ class Worker:
 
     def call(self, funcs, payload, buffers, out, err):
         start = time.perf_counter()
+        ok = False
         try:
             fid, args, kwargs = self.unpack_job(payload, buffers)
             fn = funcs[fid]
-            value = fn(*args, **kwargs)
-            ok = True
         except BaseException as exc:
-            value = error_info(exc)
-            ok = False
+            value = _load_failure(exc, "arguments")
+        else:
+            if type(fn) is _Unloadable:
+                value = _load_failure(fn.exc, "function")
+            else:
+                try:
+                    value = fn(*args, **kwargs)
+                    if type(value) is types.CoroutineType:
+                        value = _run_coroutine(value)
+                    ok = True
+                except BaseException as exc:
+                    value = error_info(exc)
+        if self.fd_output is not None:
+            self.fd_output.drain_all()
         return (ok, value, out.take(), err.take(), time.perf_counter() - start)
 
     def map(self, funcs, payload, buffers, out, err):
@@ -419,7 +621,9 @@ class Worker:
             fid, items = self.unpack_job(payload, buffers)
             fn = funcs[fid]
         except BaseException as exc:
-            return [(False, error_info(exc), "", "", 0.0)]
+            return [(False, _load_failure(exc, "arguments"), "", "", 0.0)]
+        if type(fn) is _Unloadable:
+            return [(False, _load_failure(fn.exc, "function"), "", "", 0.0)]
         results = []
         append = results.append
         clock = time.perf_counter
@@ -428,12 +632,21 @@ class Worker:
             start = clock()
             try:
                 value = fn(item)
+                if type(value) is types.CoroutineType:
+                    value = _run_coroutine(value)
                 ok = True
             except BaseException as exc:
                 value = error_info(exc)
                 ok = False
             took = clock() - start
             append((ok, value, out.take() if out._parts else "", err.take() if err._parts else "", took))
+        if self.fd_output is not None and results:
+            # Once a batch, not once an item: what the descriptors got before the batch
+            # ended is the batch's, given to its last item when no item read it earlier.
+            self.fd_output.drain_all()
+            if out._parts or err._parts:
+                ok, value, so, se, took = results[-1]
+                results[-1] = (ok, value, so + out.take(), se + err.take(), took)
         return results
 
     def send_result(self, job_id, results, flush):
@@ -602,6 +815,34 @@ def _loader(light, need_cloudpickle):
     return loads
 
 
+def _run_coroutine(coro):
+    """An ``async def`` job's value: its coroutine run to the end in a new event loop."""
+    import asyncio
+
+    return asyncio.run(coro)
+
+
+def _load_failure(exc, what):
+    """error_info of a function or arguments that did not unpickle here, with a hint when a
+    module was missing: the package, and its version on this host (None: not installed),
+    so that the controller can say whether the host lacks it or has another version."""
+    info = error_info(exc)
+    name = None
+    if isinstance(exc, ImportError):
+        name = exc.name
+    elif isinstance(exc, AttributeError):  # "Can't get attribute 'X' on <module 'pkg.mod' from ...>"
+        text = str(exc)
+        if "<module '" in text:
+            name = text.split("<module '", 1)[1].split("'", 1)[0]
+    if not name:
+        return info
+    top = name.partition(".")[0]
+    module = sys.modules.get(top)
+    version = getattr(module, "__version__", None) if module is not None else None
+    return info + ({"loading": what, "package": top, "installed": module is not None,
+                    "version": version if isinstance(version, str) else None},)
+
+
 class _Unloadable:
     """Stands for a function that could not be unpickled here; calling it says why."""
 
@@ -712,14 +953,16 @@ def _die(code=0):
 
 def main():
     # The protocol gets private copies of stdin and stdout; the job sees /dev/null on
-    # fd 0 and the SSH stderr stream on fd 1, so nothing it does can corrupt frames.
+    # fd 0 and the worker's pipes on fds 1 and 2, so nothing it does can corrupt frames.
     inp = os.fdopen(os.dup(0), "rb", buffering=1 << 16)
     out = os.fdopen(os.dup(1), "wb", buffering=1 << 16)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
-    os.dup2(2, 1)
     worker = Worker(inp, out)
+    worker.log_fd = os.dup(2)
+    worker.fd_output = _FdOutput(worker, worker.log_fd)
+    worker.fd_output.start()
     try:
         worker.setup()
     except BaseException as exc:
