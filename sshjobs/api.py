@@ -12,10 +12,11 @@ import numbers
 import signal
 import threading
 from os import PathLike
+from traceback import format_exception
 from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
 from . import provisioning, safe
-from .errors import ClusterClosed, ConfigError, HostError, PicklingError
+from .errors import ClusterClosed, ConfigError, HostError, InstallError, PicklingError
 from .events import Callback, Events
 from .hosts import HostState
 from .inventory import BaseInventory
@@ -70,6 +71,8 @@ class Cluster:
         self._started = False
         self._closed = False
         self._slots_task: asyncio.Task | None = None
+        self._env_task: asyncio.Future | None = None  # start(): every host in the environment
+        self._env_ready = False  # submit sends straight to the queue
         self._start_task: asyncio.Future | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop of the first call
         # The controller's queue: submit, gather and ping jobs go to a worker when it can take them.
@@ -162,6 +165,8 @@ class Cluster:
             state.closed = True  # from now on no host reconnects or starts a worker
         if self._slots_task:
             self._slots_task.cancel()
+        if self._env_task and not self._env_task.done():
+            self._env_task.cancel()  # the jobs waiting for it fail as closed
         # Hosts still connecting (a one-shot map that finished without a slow host).
         starts = [t for s in self.states for t in s.starts_running()]
         for task in starts:
@@ -186,8 +191,15 @@ class Cluster:
     async def ensure_slots(self) -> None:
         """Start every slot's worker (the first per host starts with the connection)."""
         self._check_loop()
-        await self.start()
+        await self._environments()
         await asyncio.gather(*(s.worker(i) for s in self.states for i in s.slots()))
+
+    def _environments(self) -> asyncio.Future:
+        """``start()``, once: every host connected, and in the Cluster's environment where it
+        has one (a submit waits for that, rather than run in a worker without it)."""
+        if self._env_task is None:
+            self._env_task = asyncio.ensure_future(self.start())
+        return self._env_task
 
     # -- environments -------------------------------------------------------------
     async def install(self, requirements: str | PathLike | Iterable[str], *, offline: bool | None = None,
@@ -401,7 +413,27 @@ class Cluster:
         self._begin()
         if self._slots_task is None:
             self._slots_task = asyncio.ensure_future(self.ensure_slots())
+        if not self._env_ready:
+            env = self._environments() if any(self._specs()) else None
+            if env is not None and not env.done():
+                return asyncio.ensure_future(self._submit_in_env(env, fn, fn_bytes, body, timeout, safe_results))
+            self._env_ready = True
         return self.dispatcher.submit(fn, fn_bytes, body, timeout=timeout, safe_results=safe_results)
+
+    async def _submit_in_env(self, env: asyncio.Future, fn: Callable, fn_bytes: bytes, body: bytes,
+                             timeout: float | None, safe_results) -> Result:
+        """A submit made while the Cluster's environment is still being set up: queued once
+        it is (a host whose install failed has failed, and takes no jobs)."""
+        try:
+            await asyncio.shield(env)
+        except asyncio.CancelledError:
+            if not env.cancelled():  # this job was cancelled, not the setup (by close())
+                raise
+        except Exception as exc:  # a host's failure is its state; this is none of those
+            return failed(InstallError(f"the environment could not be set up: {exc!r}",
+                                       traceback="".join(format_exception(exc))), "-")
+        self._env_ready = True
+        return await self.dispatcher.submit(fn, fn_bytes, body, timeout=timeout, safe_results=safe_results)
 
     # -- argument and state checks ---------------------------------------------------
     def _check_open(self) -> None:
