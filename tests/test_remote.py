@@ -103,6 +103,19 @@ def test_call_and_map_and_output_over_a_pipe(worker, tmp_path):
     assert worker.shipped == 0 and not lib.exists()
 
 
+def test_a_short_jobs_result_is_not_held_back_by_the_long_job_after_it(worker):
+    import time
+
+    send(worker, protocol.FUNC, 1, cloudpickle.dumps(lambda s: __import__("time").sleep(s) or s))
+    send(worker, protocol.CALL, 5, protocol.FID.pack(1) + pickle.dumps(((0,), {})))
+    send(worker, protocol.CALL, 6, protocol.FID.pack(1) + pickle.dumps(((3,), {})))  # queued before the first ends
+    started = time.monotonic()
+    kind, job, _ = reply(worker)
+    assert (kind, job) == (protocol.RESULT, 5) and time.monotonic() - started < 1.5
+    kind, job, _ = reply(worker)
+    assert (kind, job) == (protocol.RESULT, 6) and time.monotonic() - started >= 3
+
+
 def test_cloudpickle_is_shipped_when_a_job_needs_it_and_only_once(worker, tmp_path):
     class Point:  # a class of the controller's, pickled by value: its loader is cloudpickle's own
         def __init__(self, x):

@@ -322,6 +322,9 @@ class Worker:
         self.foreign = None  # ids of threads older than the running job (their output is no job's)
         self.fd_output = None
         self.log_fd = 2
+        self.unflushed = False  # a result waits in the output buffer (for company)
+        self.flush_at = 0.0
+        self.flush_wake = None  # released to wake the flusher thread, started at the first such wait
 
     def log(self, text):
         """Write to the worker's own stderr (never the protocol stream)."""
@@ -544,7 +547,39 @@ class Worker:
             self.send_result(job_id, results, flush=flush)
             if flush:
                 last_flush = now
+                self.unflushed = False
+            elif not self.unflushed:
+                self.hold(now)
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+
+    def hold(self, now):
+        """A result stays in the buffer while the next job runs: the flusher thread sends it
+        after FLUSH_AFTER, so that a long job never holds back the short one before it."""
+        self.unflushed = True
+        self.flush_at = now + FLUSH_AFTER
+        if self.flush_wake is None:
+            self.flush_wake = _thread.allocate_lock()
+            self.flush_wake.acquire()
+            _thread.start_new_thread(self._flusher, ())
+        try:
+            self.flush_wake.release()
+        except RuntimeError:  # woken already
+            pass
+
+    def _flusher(self):
+        while True:
+            self.flush_wake.acquire()
+            delay = self.flush_at - _monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            with self.lock:
+                if not self.unflushed:
+                    continue
+                self.unflushed = False
+                try:
+                    self.out.flush()
+                except (OSError, ValueError):  # the controller is gone: the main thread sees it too
+                    return
 
     def begin(self):
         """What a job may change and the next job must not see, as it is before the job."""
