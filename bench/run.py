@@ -54,6 +54,14 @@ FIGURES = {
                       lambda v, r: r is not None and r <= 1.2, "<= 1.2x baseline"),
     "later_contact": ("100 hosts, later contact, no-op gather (new process)", "s", False,
                       lambda v, r: r is not None and r <= 1.0, "<= 1.0x baseline"),
+    # bench.stream (its own 10-host lab): the sync API's one-shot imap and map
+    "imap_rate": ("imap over a generator of 10,000,000 ints (baseline: map over a list, 1 M)", "items/s", True,
+                  lambda v, r: v >= 500_000, ">= 500,000 items/s"),
+    "imap_rss": ("imap over 10 M ints, controller peak RSS above its value before", "MB", False,
+                 lambda v, r: v <= 200, "<= 200 MB"),
+    "journal_rate": ("map over 1,000,000 ints with a journal (baseline: without)", "items/s", True,
+                     lambda v, r: v >= 200_000, ">= 200,000 items/s"),
+    "journal_bytes": ("journal size per tiny item", "bytes", False, lambda v, r: v <= 100, "<= 100 bytes"),
     # bench.cli_start (its own 10-host lab), whole processes
     "version": ("`sshjobs --version` (baseline: python -c pass)", "s", False, lambda v, r: v <= 0.08, "<= 0.08 s"),
     "run_10": ("`sshjobs run` tiny job, 10 hosts (baseline: 10 parallel ssh)", "s", False,
@@ -324,10 +332,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hosts", type=int, default=100, help="lab hosts for the scale figure (the others use 10)")
     ap.add_argument("--subnet", type=int, default=int(os.environ.get("SSHJOBS_LAB_SUBNET", "9")),
                     help="lab addresses 127.0.SUBNET.x (default $SSHJOBS_LAB_SUBNET or 9)")
-    ap.add_argument("--only", default="", help="comma-separated: cold,warm,scale,install,cli_start,contact (default all)")
+    ap.add_argument("--only", default="",
+                    help="comma-separated: cold,warm,scale,install,cli_start,contact,stream (default all)")
     ap.add_argument("--json-out", help="also write the JSON object to this file")
     args = ap.parse_args(argv)
-    only = set(filter(None, args.only.split(","))) or {"cold", "warm", "scale", "install", "cli_start", "contact"}
+    only = set(filter(None, args.only.split(","))) or {"cold", "warm", "scale", "install", "cli_start", "contact",
+                                                       "stream"}
 
     # The figures' new processes start as an installed sshjobs does, from .pyc files: caching
     # on (a developer's PYTHONDONTWRITEBYTECODE would make every one compile sshjobs again).
@@ -398,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         lab.down()
         say(f"bench: lab stopped after {time.perf_counter() - started:.0f} s")
     extra = {}
-    for name in ("cli_start", "contact"):  # each starts its own lab, so after ours is down
+    for name in ("cli_start", "contact", "stream"):  # each starts its own lab, so after ours is down
         if name in only:
             say(f"bench: {name}")
             out = subprocess.run([sys.executable, "-m", f"bench.{name}", "--runs", str(n), "--subnet", str(args.subnet)],
@@ -410,6 +420,14 @@ def main(argv: list[str] | None = None) -> int:
             runs.add_pair("first_contact", ours, theirs)
         for ours, theirs in zip(c["ours_later"], c["baseline"]):
             runs.add_pair("later_contact", ours, theirs)
+    if "stream" in extra:
+        c = extra["stream"]["runs"]
+        for key, base in (("imap_rate", "plain_rate"), ("journal_rate", "plain_rate")):
+            for ours, theirs in zip(c[key], c[base]):
+                runs.add_pair(key, ours, theirs)
+        for key in ("imap_rss", "journal_bytes"):
+            for v in c[key]:
+                runs.add(key, "sshjobs", v)
     if "cli_start" in extra:
         c = extra["cli_start"]
         for ours, theirs in zip(c["version"]["walls"], c["python_pass"]["walls"]):

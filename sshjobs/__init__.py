@@ -1,6 +1,6 @@
 """sshjobs: run Python functions on SSH hosts that have nothing but sshd and python3.
 
-``Cluster``, ``Executor``, ``Inventory``, ``Host`` and ``Result`` are imported when first used (module
+``Cluster``, ``Executor``, ``Inventory``, ``Host``, ``Journal`` and ``Result`` are imported when first used (module
 ``__getattr__``), so that ``import sshjobs`` (and ``sshjobs --version``) does not import
 asyncssh and the rest of the data path; the error tree is imported at once (it imports
 nothing)."""
@@ -12,9 +12,10 @@ from .version import __version__  # noqa: F401
 
 sshimport.install()  # before anything imports asyncssh (see sshimport)
 
-__all__ = ["Cluster", "Executor", "Host", "Inventory", "Result", *_errors]  # noqa: F405  (the first five: __getattr__)
+__all__ = ["Cluster", "Executor", "Host", "Inventory", "Journal", "Result", *_errors]  # noqa: F405  (the first six: __getattr__)
 
-_LAZY = {"Cluster": "api", "Executor": "executor", "Inventory": "api", "Host": "inventory", "Result": "result"}
+_LAZY = {"Cluster": "api", "Executor": "executor", "Inventory": "api", "Host": "inventory", "Journal": "journal",
+         "Result": "result"}
 
 
 def __getattr__(name: str):

@@ -9,11 +9,12 @@ import concurrent.futures
 import ipaddress
 import math
 import numbers
+import queue
 import signal
 import threading
 from os import PathLike
 from traceback import format_exception
-from typing import Any, Awaitable, Callable, Iterable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, TypeVar
 
 from . import provisioning, safe
 from .errors import ClusterClosed, ConfigError, HostError, InstallError, PicklingError
@@ -22,8 +23,11 @@ from .hosts import HostState
 from .inventory import BaseInventory
 from .log import get_logger
 from .result import Result, failed
-from .scheduler import Dispatcher, MapRun, not_started, pickle_function, pickling_failure
+from .journal import open_for
+from .progress import Progress, _length
+from .scheduler import Dispatcher, not_started, pickle_function, pickling_failure
 from .scheduler import ping as ping_host
+from .stream import MapRun
 from .worker import Worker, dumps
 
 log = get_logger("sshjobs.api")
@@ -272,13 +276,15 @@ class Cluster:
 
     async def gather(self, fn: Callable, /, *args: Any, timeout: float | None = None,
                      requirements: str | PathLike | Iterable[str] | None = None,
-                     safe_results: bool | Iterable[str] | None = None, **kwargs: Any) -> list[Result]:
+                     safe_results: bool | Iterable[str] | None = None, progress: bool = False,
+                     **kwargs: Any) -> list[Result]:
         """``fn(*args, **kwargs)`` once on every host; Results in inventory order.
 
         ``timeout`` (seconds per host: its connect and worker start count, an install of
         ``requirements`` does not), ``requirements`` (installed first, see ``install``;
-        a host whose install failed gets that failure instead of running ``fn``) and
-        ``safe_results`` (see sshjobs.safe) are sshjobs' own; every other keyword goes to ``fn``.
+        a host whose install failed gets that failure instead of running ``fn``),
+        ``safe_results`` (see sshjobs.safe) and ``progress`` (a progress bar) are sshjobs'
+        own; every other keyword goes to ``fn``.
         """
         timeout = _seconds("timeout", timeout)
         self._check_open()
@@ -313,15 +319,26 @@ class Cluster:
             return await self.dispatcher.submit(fn, fn_bytes, body, timeout=timeout, safe_results=safe_results,
                                                 pin=state, index=state.index, deadline=deadline)
 
+        bar = Progress("gather", len(self.states)) if progress else None
+
+        async def counted(state: HostState, spec) -> Result:
+            result = await one(state, spec)
+            bar.update([result])  # type: ignore[union-attr]
+            return result
+
+        each = one if bar is None else counted
         try:
-            return list(await asyncio.gather(*(one(s, spec) for s, spec in zip(self.states, specs))))
+            return list(await asyncio.gather(*(each(s, spec) for s, spec in zip(self.states, specs))))
         finally:
             downloads.cleanup()
+            if bar is not None:
+                bar.close()
 
     async def map(self, fn: Callable, iterable: Iterable, /, *, chunksize: int | None = None,
                   timeout: float | None = None, retries: int = 0,
                   requirements: str | PathLike | Iterable[str] | None = None,
-                  safe_results: bool | Iterable[str] | None = None) -> list[Result]:
+                  safe_results: bool | Iterable[str] | None = None, journal: str | PathLike | None = None,
+                  resume: bool = True, progress: bool = False) -> list[Result]:
         """``fn(item)`` for each item, spread over every slot of every host; Results in input order.
 
         ``retries``: how many more times a job whose worker or host was lost is tried (on any host);
@@ -331,21 +348,78 @@ class Cluster:
         within it, the items fail with Timeout.
         ``requirements``: installed first (see ``install``); hosts whose install failed take no items.
         ``safe_results``: decode results with the restricted unpickler (see sshjobs.safe).
+        ``journal``: a file where every Result is committed as it arrives; the same call with
+        the same journal takes the items done from it and runs the rest (``resume=False``
+        starts it over; see ``sshjobs.journal``).  ``progress``: a progress bar.
+        The collection of ``imap(ordered=True)``: the same engine.
         """
-        chunksize = None if chunksize is None else _count("chunksize", chunksize, 1)
-        timeout = _seconds("timeout", timeout)
-        retries = _count("retries", retries, 0)
+        run = await self._start_map(fn, iterable, ordered=True, chunksize=chunksize, timeout=timeout, retries=retries,
+                                    requirements=requirements, safe_results=safe_results, journal=journal,
+                                    resume=resume, progress=progress)
+        results: list[Result] = []
+        try:
+            while (batch := await run.next_batch()) is not None:
+                results.extend(batch)
+                run.consumed(len(batch))
+        finally:
+            await run.close()
+        return results
+
+    def imap(self, fn: Callable, iterable: Iterable, /, *, ordered: bool = True, chunksize: int | None = None,
+             timeout: float | None = None, retries: int = 0,
+             requirements: str | PathLike | Iterable[str] | None = None,
+             safe_results: bool | Iterable[str] | None = None, journal: str | PathLike | None = None,
+             resume: bool = True, progress: bool = False) -> AsyncIterator[Result]:
+        """``async for r in cluster.imap(fn, items)``: ``map``'s Results as they arrive, in input
+        order, or (``ordered=False``) as they complete.
+
+        The input is read lazily, a few chunks per slot ahead of what was taken, so a
+        generator of any length runs in bounded memory; its own exception is raised here
+        after the Results before it.  Leaving the loop early (``break``; the iterator is
+        closed when collected, or at once with ``contextlib.aclosing``) kills the jobs
+        still running and sends no more.  The keywords are ``map``'s; with no
+        ``chunksize``, an input of unknown length is cut in chunks from the durations seen.
+        """
+        args = self._map_args(chunksize, timeout, retries)
+        return self._imap(fn, iterable, ordered, args, requirements, safe_results, journal, resume, progress)
+
+    async def _imap(self, fn, iterable, ordered, args, requirements, safe_results, journal, resume,
+                    progress) -> AsyncIterator[Result]:
+        run = await self._start_map(fn, iterable, ordered=ordered, chunksize=args[0], timeout=args[1],
+                                    retries=args[2], requirements=requirements, safe_results=safe_results,
+                                    journal=journal, resume=resume, progress=progress)
+        try:
+            while (batch := await run.next_batch()) is not None:
+                for r in batch:
+                    yield r
+                run.consumed(len(batch))
+        finally:
+            await run.close()
+
+    @staticmethod
+    def _map_args(chunksize, timeout, retries) -> tuple:
+        return (None if chunksize is None else _count("chunksize", chunksize, 1), _seconds("timeout", timeout),
+                _count("retries", retries, 0))
+
+    async def _start_map(self, fn: Callable, iterable: Iterable, *, ordered: bool, chunksize, timeout, retries,
+                         requirements, safe_results, journal, resume: bool, progress: bool) -> MapRun:
+        """A map's run, started: its pumps take items as each host is up."""
+        chunksize, timeout, retries = self._map_args(chunksize, timeout, retries)
         self._check_open()
-        items = list(iterable)
+        if not hasattr(iterable, "__aiter__"):
+            iter(iterable)  # not iterable: a TypeError now, before a journal is opened
+        recorded = None if journal is None else open_for(journal, fn, resume)
+        fail_with = None
         try:
             fn_bytes = pickle_function(fn)
         except PicklingError as exc:
-            return [failed(PicklingError(exc.message), "-", job=i) for i in range(len(items))]
+            fn_bytes, fail_with = b"", failed(PicklingError(exc.message), "-")
         specs = dict(zip((s.index for s in self.states), self._call_specs(requirements)))
-        if any(s.host.slots == "auto" for s in self.states):
-            await self.start()  # "auto" slots are known at start
-        else:
-            self._begin()  # each host takes items as soon as it is up
+        if fail_with is None:
+            if any(s.host.slots == "auto" for s in self.states):
+                await self.start()  # "auto" slots are known at start
+            else:
+                self._begin()  # each host takes items as soon as it is up
         downloads = provisioning.WheelDownloads()
 
         async def ready(state: HostState) -> bool:
@@ -365,12 +439,16 @@ class Cluster:
                 return False
             return await self.ready(state)
 
-        run = MapRun(self.states, ready, fn, fn_bytes, items, chunksize=chunksize, timeout=timeout, retries=retries,
-                     loads=lambda state: self._loads(state, safe_results), waiting=self.dispatcher.waiting_for)
-        try:
-            return await run.run()
-        finally:
-            downloads.cleanup()
+        bar = Progress("map", _length(iterable)) if progress else None
+        record = recorded.record if recorded is not None else None
+        if bar is not None:
+            record = bar.recorder(record)
+        cleanup = [downloads.cleanup] + ([recorded.close] if recorded else []) + ([bar.close] if bar else [])
+        run = MapRun(self.states, ready, fn, fn_bytes, iterable, chunksize=chunksize, timeout=timeout, retries=retries,
+                     loads=lambda state: self._loads(state, safe_results), waiting=self.dispatcher.waiting_for,
+                     ordered=ordered, recorded=recorded, record=record, fail_with=fail_with, cleanup=cleanup)
+        run.start()
+        return run
 
     async def ping(self, rounds: int = 3, timeout: float | None = None) -> list[Result]:
         """Time an empty job's round trip through every host's worker, ``rounds`` times.
@@ -593,6 +671,74 @@ def run_sync(inventory: BaseInventory, work: Callable[[Cluster], Awaitable[T]], 
     return run_loop(inventory, main)
 
 
+_END = object()
+
+
+def stream_sync(inventory: BaseInventory, start: Callable[[Cluster], Awaitable[MapRun]], /,
+                **cluster_options: Any) -> Iterator[Result]:
+    """A generator of the Results of ``start(cluster)``'s map run, on a Cluster of ``inventory``
+    made for it on an event loop in a thread of its own: the hosts work on while the
+    caller's loop body runs, and the run reads its input only as far ahead of what the
+    generator has handed out as it allows.  Closing the generator (or an exception in
+    it) cancels the run, which kills the jobs still running, and closes the Cluster."""
+    out: queue.SimpleQueue = queue.SimpleQueue()
+    lock = threading.Lock()
+    running: dict[str, Any] = {"stop": False}
+
+    async def main() -> None:
+        with lock:
+            if running["stop"]:  # closed before it began
+                out.put(_END)
+                return
+            running["loop"], running["task"] = asyncio.get_running_loop(), asyncio.current_task()
+        use_lean_executor(inventory)
+        cluster = Cluster(inventory, **cluster_options)
+        try:
+            run = await start(cluster)
+            running["run"] = run
+            try:
+                while (batch := await run.next_batch()) is not None:
+                    out.put(batch)
+            finally:
+                await run.close()
+        except Exception as exc:
+            out.put(exc)
+        finally:
+            await cluster.close()
+            out.put(_END)
+
+    def on_loop(fn: Callable, *args: Any) -> None:
+        try:
+            running["loop"].call_soon_threadsafe(fn, *args)
+        except (KeyError, RuntimeError):  # not begun, or the loop has ended: the run is over
+            pass
+
+    def drive() -> None:
+        try:  # asyncio.run: the tasks a closing Cluster leaves (the kills of cancelled jobs) run to their end
+            asyncio.run(main())
+        except asyncio.CancelledError:  # closed by the consumer
+            pass
+
+    def results() -> Iterator[Result]:
+        thread = threading.Thread(target=drive, name="sshjobs-imap", daemon=True)
+        thread.start()
+        try:
+            with _sigint_raises():
+                while (got := out.get()) is not _END:
+                    if isinstance(got, BaseException):
+                        raise got
+                    yield from got
+                    on_loop(running["run"].consumed, len(got))
+        finally:
+            with lock:
+                running["stop"] = True
+                if "task" in running:
+                    on_loop(running["task"].cancel)
+            thread.join(CANCEL_WAIT)
+
+    return results()
+
+
 class Inventory(BaseInventory):
     """An ordered set of hosts (``Inventory.load(path)``, ``Inventory.from_hosts(...)``) and
     the verbs to run on them from synchronous code, each on a Cluster of its own.
@@ -613,19 +759,39 @@ class Inventory(BaseInventory):
     def gather(self, fn: Callable, /, *args: Any, timeout: float | None = None,
                requirements: str | PathLike | Iterable[str] | None = None,
                safe_results: bool | Iterable[str] | None = None, on_event: Callback | None = None,
-               **kwargs: Any) -> list[Result]:
+               progress: bool = False, **kwargs: Any) -> list[Result]:
         """Run ``fn(*args, **kwargs)`` once on every host; a list of Result in inventory order."""
         return run_sync(self, lambda c: c.gather(fn, *args, timeout=timeout, requirements=requirements,
-                                                 safe_results=safe_results, **kwargs), on_event=on_event)
+                                                 safe_results=safe_results, progress=progress, **kwargs),
+                        on_event=on_event)
 
     def map(self, fn: Callable, iterable: Iterable, /, *, chunksize: int | None = None,
             timeout: float | None = None, retries: int = 0,
             requirements: str | PathLike | Iterable[str] | None = None,
-            safe_results: bool | Iterable[str] | None = None, on_event: Callback | None = None) -> list[Result]:
-        """Run ``fn(item)`` for every item over all slots; a list of Result in input order."""
+            safe_results: bool | Iterable[str] | None = None, on_event: Callback | None = None,
+            journal: str | PathLike | None = None, resume: bool = True, progress: bool = False) -> list[Result]:
+        """Run ``fn(item)`` for every item over all slots; a list of Result in input order
+        (the keywords: see ``Cluster.map``)."""
         return run_sync(self, lambda c: c.map(fn, iterable, chunksize=chunksize, timeout=timeout, retries=retries,
-                                              requirements=requirements, safe_results=safe_results),
+                                              requirements=requirements, safe_results=safe_results, journal=journal,
+                                              resume=resume, progress=progress),
                         on_event=on_event)
+
+    def imap(self, fn: Callable, iterable: Iterable, /, *, ordered: bool = True, chunksize: int | None = None,
+             timeout: float | None = None, retries: int = 0,
+             requirements: str | PathLike | Iterable[str] | None = None,
+             safe_results: bool | Iterable[str] | None = None, on_event: Callback | None = None,
+             journal: str | PathLike | None = None, resume: bool = True, progress: bool = False) -> Iterator[Result]:
+        """``for r in inv.imap(fn, items)``: ``map``'s Results as they arrive (see ``Cluster.imap``),
+        from a generator.  The hosts work on while the loop's body runs; leaving the loop
+        (``break``, an exception, or ``close()``) kills the jobs still running and closes the
+        connections."""
+        Cluster._map_args(chunksize, timeout, retries)  # a bad argument raises here, not at the first next()
+        return stream_sync(self, lambda c: c._start_map(fn, iterable, ordered=ordered, chunksize=chunksize,
+                                                        timeout=timeout, retries=retries, requirements=requirements,
+                                                        safe_results=safe_results, journal=journal, resume=resume,
+                                                        progress=progress),
+                           on_event=on_event)
 
     def install(self, requirements: str | PathLike | Iterable[str], /, *, offline: bool | None = None,
                 uv: str | None = None, on_event: Callback | None = None) -> list[Result]:

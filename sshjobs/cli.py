@@ -16,7 +16,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator
 
 import click
 
@@ -249,18 +249,55 @@ def parse_arg(text: str) -> Any:
         return text
 
 
-def read_items(source) -> list:
-    """One JSON value per line (blank lines skipped)."""
-    items = []
+def iter_items(source) -> Iterator[Any]:
+    """One JSON value per line (blank lines skipped), read as they are asked for."""
     name = getattr(source, "name", "<args>")
     for lineno, line in enumerate(source, 1):
         if not line.strip():
             continue
         try:
-            items.append(json.loads(line))
+            yield json.loads(line)
         except ValueError as exc:
             raise UsageError(f"{name}:{lineno}: not a JSON value: {exc}") from None
-    return items
+
+
+def read_in_thread(items: Iterator[Any]) -> Any:
+    """``items`` as an async iterator, read in a thread of its own: a source that waits for
+    its next line (stdin, a pipe) then holds up no connection and no result."""
+    import asyncio
+    import threading
+
+    async def lines():
+        loop = asyncio.get_running_loop()
+        got: asyncio.Queue = asyncio.Queue(256)
+
+        def put(entry) -> bool:
+            try:
+                asyncio.run_coroutine_threadsafe(got.put(entry), loop).result()
+            except (RuntimeError, asyncio.CancelledError):  # the map is over
+                return False
+            return True
+
+        def pump() -> None:
+            try:
+                for item in items:
+                    if not put((True, item)):
+                        return
+            except BaseException as exc:
+                put((False, exc))
+            else:
+                put((False, None))
+
+        threading.Thread(target=pump, name="sshjobs-args", daemon=True).start()
+        while True:
+            more, item = await got.get()
+            if not more:
+                if item is not None:
+                    raise item
+                return
+            yield item
+
+    return lines()
 
 
 # -- running --------------------------------------------------------------------------------
@@ -376,40 +413,144 @@ def run(target, args, packages, requirement_files, offline, **kw):
 @click.option("--range", "count", type=click.IntRange(min=0), metavar="N",
               help="Items 0 .. N-1 (N = 0: no items, see below).")
 @click.option("--args", "args_file", type=click.File("r"), metavar="FILE",
-              help="Items from FILE, one JSON value per line (- reads stdin).")
+              help="Items from FILE, one JSON value per line, read as the map goes (- reads stdin).")
 @click.option("--retries", type=click.IntRange(min=0), default=0, show_default=True,
               help="Run a job again (on any host) when its worker or host was lost.")
+@click.option("--journal", metavar="FILE", type=click.Path(dir_okay=False),
+              help="Commit every result to FILE (SQLite) as it arrives; run again with it to run only the items"
+                   " not done (see `sshjobs results`).")
+@click.option("--fresh", is_flag=True, help="Start the --journal over instead of resuming it.")
 @_inventory_options
 @_timeout_option()
 @_install_options
 @_output_options
-def map_cmd(target, count, args_file, retries, packages, requirement_files, offline, **kw):
+def map_cmd(target, count, args_file, retries, journal, fresh, packages, requirement_files, offline, **kw):
     """Call TARGET(item) for every item, spread over every slot of every host.
 
     TARGET is path/to/file.py:func or package.module:func; give the items with --range N
-    or --args FILE. Results come in input order. Exit 1 when a job or a host failed, even
-    when the other hosts ran every item; the summary names each failed host and why.
+    or --args FILE. Each result is printed as it arrives, in input order. Exit 1 when a
+    job or a host failed, even when the other hosts ran every item; the summary names
+    each failed host and why.
 
     No items (--range 0, an empty --args file) is no error: nothing is contacted and the
     exit code is 0.
     """
+    import itertools
+
     opts = _options(kw)
     if (count is None) == (args_file is None):
         raise click.UsageError("give exactly one of --range N and --args FILE")
+    if fresh and not journal:
+        raise click.UsageError("--fresh starts a --journal over: give --journal FILE too")
     fn = load_target(target)
-    items = list(range(count)) if count is not None else read_items(args_file)
     inv = load_inventory(opts)
     reqs = read_requirements(packages, requirement_files) if packages or requirement_files else []
+    items: Any
+    if count is not None:
+        items = range(count)
+    else:
+        lines = iter_items(args_file)
+        first = next(lines, _NONE)  # a bad first line is a usage error before anything is contacted
+        items = () if first is _NONE else itertools.chain([first], lines)
+        if items and not _regular_file(args_file):
+            items = read_in_thread(items)
     if not items:
         if not opts.as_json and not opts.quiet:
             print("0 items: nothing to run, no host contacted")
         return EXIT_OK
+    from .display import ResultStream, count_summary
 
-    async def work(cluster: Cluster) -> list[Result]:
-        extra = {"requirements": reqs} if reqs else {}
-        return await cluster.map(fn, items, timeout=opts.timeout, retries=retries, **extra)
+    stream = ResultStream(as_json=opts.as_json, console=opts.console(), verbose=opts.verbose,
+                          width=max((len(h.name) for h in inv), default=4))
+    failure: list[BaseException] = []
 
-    return run_jobs(inv, opts, work, title=f"map {target}", offline=offline)
+    async def work(cluster: Cluster) -> None:
+        run = await cluster._start_map(fn, items, ordered=True, chunksize=None, timeout=opts.timeout, retries=retries,
+                                       requirements=reqs or None, journal=journal, resume=not fresh, safe_results=None,
+                                       progress=False)
+        try:
+            while (batch := await run.next_batch()) is not None:
+                stream.add(batch)
+                run.consumed(len(batch))
+        except ConfigError as exc:  # the input's bad line, or an item the journal ran differs
+            failure.append(exc)
+        finally:
+            await run.close()
+
+    t0 = time.perf_counter()
+    seen: list[HostsSeen] = []
+    run_cluster(inv, opts, work, title=f"map {target}", offline=offline, seen=seen)
+    stream.close()
+    if failure:
+        raise failure[0]
+    hosts = seen[0] if seen else HostsSeen([], [])
+    ok = stream.total > 0 and stream.failed == 0 and not hosts.failed
+    if not opts.as_json and not opts.quiet:
+        text = count_summary(stream.ok, stream.total, len(stream.hosts), time.perf_counter() - t0, "jobs",
+                             failed_hosts=hosts.failed, pending=hosts.pending)
+        console = opts.console()
+        if console is not None:
+            console.print(text, style="green" if ok else "red", highlight=False, markup=False)
+        else:
+            print(text)
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+_NONE = object()
+
+
+def _regular_file(f) -> bool:
+    import stat
+
+    try:
+        return stat.S_ISREG(os.fstat(f.fileno()).st_mode)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+@cli.command()
+@click.argument("journal", metavar="FILE", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per result on stdout.")
+@click.option("--csv", "as_csv", is_flag=True, help="CSV on stdout: job, host, ok, value, error, duration, attempts.")
+@click.option("--failed", "only_failed", is_flag=True, help="Only the failed results.")
+@click.option("-v", "--verbose", count=True, help="Remote tracebacks and the jobs' stdout/stderr.")
+def results(journal, as_json, as_csv, only_failed, verbose):
+    """Print what a map's journal FILE holds (`sshjobs map --journal FILE`), in input order.
+
+    Exit 1 when it holds a failed result, else 0.
+    """
+    from .display import ResultStream, json_value, error_line
+    from .journal import Journal
+
+    if as_json and as_csv:
+        raise click.UsageError("give one of --json and --csv")
+    with Journal(journal) as j:
+        counts = j.counts
+        rows = j.failed() if only_failed else iter(j)
+        if as_csv:
+            import csv
+
+            out = csv.writer(sys.stdout)
+            out.writerow(["job", "host", "ok", "value", "error", "duration", "attempts"])
+            for r in rows:
+                value = json.dumps(json_value(r.value)[0]) if r.ok else ""
+                out.writerow([r.job, r.host, int(r.ok), value, "" if r.ok else error_line(r),
+                              f"{r.duration:.6f}", r.attempts])
+        else:
+            opts = Options(as_json=as_json, verbose=verbose)
+            stream = ResultStream(as_json=as_json, console=opts.console(), verbose=verbose)
+            batch: list = []
+            for r in rows:
+                batch.append(r)
+                if len(batch) >= 1000:
+                    stream.add(batch)
+                    batch = []
+            stream.add(batch)
+            stream.close()
+            if not as_json:
+                text = f"{counts['ok']} of {counts['total']} ok" + (f", {counts['failed']} failed" if counts["failed"] else "")
+                print(f"{text} in {journal} (map of {j.function})")
+    return EXIT_FAILED if counts["failed"] else EXIT_OK
 
 
 @cli.command()

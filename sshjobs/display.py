@@ -271,8 +271,8 @@ def _results_table(results, console, verbose, per_host, title, describe=None) ->
         console.print("[dim]-v shows the remote tracebacks and the jobs' output[/]")
 
 
-def _results_plain(results, out, verbose, per_host, describe=None) -> None:
-    width = max((len(r.host) for r in results), default=4)
+def _results_plain(results, out, verbose, per_host, describe=None, width: int | None = None) -> None:
+    width = width or max((len(r.host) for r in results), default=4)
     for r in results:
         job = "" if per_host else f"job-{r.job}  "
         status = "ok    " if r.ok else "FAILED"
@@ -284,6 +284,63 @@ def _results_plain(results, out, verbose, per_host, describe=None) -> None:
         if verbose:
             _details(r, lambda text, style="": out.write(text + "\n"), per_host)
     out.flush()
+
+
+class ResultStream:
+    """A map's Results printed as they arrive (``add(batch)``): one JSON object a line
+    (``as_json``), one plain line each (no ``console``), or on a terminal one row each, the
+    first TABLE_ROWS and then only the failed ones.  Keeps counts, not the Results."""
+
+    def __init__(self, *, as_json: bool = False, console=None, out: TextIO | None = None, verbose: int = 0,
+                 width: int = 4):
+        self.as_json = as_json
+        self.console = console
+        self.out = out or sys.stdout
+        self.verbose = verbose
+        self.width = width
+        self.ok = self.failed = self.hidden = self.shown_ok = 0
+        self.hosts: set[str] = set()
+        self.tracebacks = False
+
+    @property
+    def total(self) -> int:
+        return self.ok + self.failed
+
+    def add(self, batch: list[Result]) -> None:
+        for r in batch:
+            if r.ok:
+                self.ok += 1
+            else:
+                self.failed += 1
+                self.tracebacks = self.tracebacks or bool(r.error is not None and r.error.traceback)
+            self.hosts.add(r.host)
+        if self.as_json:
+            self.out.write("".join(json.dumps(result_json(r)) + "\n" for r in batch))
+            self.out.flush()
+        elif self.console is None:
+            _results_plain(batch, self.out, self.verbose, False, width=self.width)
+        else:
+            for r in batch:
+                if r.ok and not self.verbose:
+                    if self.shown_ok >= TABLE_ROWS:
+                        self.hidden += 1
+                        continue
+                    self.shown_ok += 1
+                value = _escape(short(r.value, 200)) if r.ok else f"[red]{_escape(error_line(r))}[/]"
+                mark = "[green]✓[/]" if r.ok else "[red]✗[/]"
+                self.console.print(f"{r.job:>6}  {mark} {_escape(r.host):<{self.width}}  {fmt_seconds(r.duration):>8}"
+                                   f"  {value}", overflow="ellipsis", no_wrap=True, highlight=False)
+                if self.verbose:
+                    _details(r, lambda text, style="": self.console.print(text, style=style or None, markup=False,
+                                                                         highlight=False, soft_wrap=True), False)
+
+    def close(self) -> None:
+        if self.console is None or self.as_json:
+            return
+        if self.hidden:
+            self.console.print(f"[dim]{self.hidden} more ok results not shown (--json lists every one)[/]")
+        if not self.verbose and self.tracebacks:
+            self.console.print("[dim]-v shows the remote tracebacks and the jobs' output[/]")
 
 
 def _details(r: Result, emit, per_host: bool) -> None:
@@ -303,12 +360,17 @@ def summary(results: list[Result], elapsed: float, what: str = "jobs", *,
             failed_hosts: Iterable[tuple[str, Any]] = (), pending: Iterable[str] = ()) -> str:
     """The count line, then each failed host and why (one line each), then the hosts still
     connecting when the work was done (not waited for: the others took every item)."""
-    ok = sum(1 for r in results if r.ok)
-    hosts = len({r.host for r in results})
+    return count_summary(sum(1 for r in results if r.ok), len(results), len({r.host for r in results}), elapsed,
+                         what, failed_hosts=failed_hosts, pending=pending)
+
+
+def count_summary(ok: int, total: int, hosts: int, elapsed: float, what: str = "jobs", *,
+                  failed_hosts: Iterable[tuple[str, Any]] = (), pending: Iterable[str] = ()) -> str:
+    """``summary`` from counts: ``ok`` of ``total`` Results, from ``hosts`` hosts."""
     failed_hosts, pending = list(failed_hosts), list(pending)
-    line = f"{ok} of {len(results)} {what} ok"
-    if ok < len(results):
-        line += f", {len(results) - ok} failed"
+    line = f"{ok} of {total} {what} ok"
+    if ok < total:
+        line += f", {total - ok} failed"
     line += f" ({hosts} host{'s' if hosts != 1 else ''}, {elapsed:.2f}s)"
     lines = [line]
     if failed_hosts:

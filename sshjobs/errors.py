@@ -8,7 +8,8 @@ nothing else of sshjobs, so every other module can use it.
     ├── ConfigError (also a ValueError)    input that cannot be used; nothing was contacted
     │   ├── InventoryError                 an inventory file, dict or host list
     │   ├── RequirementsError              a requirements list or file
-    │   └── UsageError                     a CLI target, argument or job file
+    │   ├── UsageError                     a CLI target, argument or job file
+    │   └── JournalError                   a journal file of another map (or not one at all)
     ├── LabError (also a RuntimeError)     the local lab or the Docker cluster
     ├── ClusterClosed (also a RuntimeError)  a call on a closed Cluster (or outside its event loop)
     ├── HostError                          the host could not run the job
@@ -96,6 +97,13 @@ class UsageError(ConfigError):
     """A command line's target, argument or job file cannot be used."""
 
     kind = "UsageError"
+
+
+class JournalError(ConfigError):
+    """A map's journal cannot be used for this call: written by another function or for
+    other items (the message says what differs), or not a journal."""
+
+    kind = "JournalError"
 
 
 class LabError(SshjobsError, RuntimeError):

@@ -5,9 +5,10 @@ Parallel(n_jobs=-1)(delayed(f)(i) for i in items)`` runs joblib's batches of tas
 every slot of every host, through an ``sshjobs.Executor`` (``executor=`` takes one you
 made; other keywords go to it: ``requirements``, ``safe_results``, ...).  ``n_jobs=-1`` (the
 default) is every slot of the hosts that are up; joblib sizes its batches from the
-durations it sees, as with its process backends.  The Executor lives as long as the
-``parallel_config`` (its connections serve every ``Parallel`` call inside it) and closes
-when the backend is dropped, or at exit.
+durations it sees, as with its process backends.  The Executor made from ``inventory``
+lives for one ``Parallel`` call (or one ``with Parallel(...) as parallel:`` block, whose
+calls share its connections) and closes at its end; one passed as ``executor=`` stays
+open, for the caller to shut down.
 
 On the host a batch is a plain loop over its tasks (joblib itself is not needed there,
 unless the tasks use it); a task's exception is raised by ``Parallel`` as a
@@ -54,16 +55,38 @@ class SshjobsBackend(AutoBatchingMixin, ParallelBackendBase):
             raise TypeError('the "sshjobs" joblib backend takes an inventory (an Inventory or its path)'
                             ' or an executor (an sshjobs.Executor), one of the two:'
                             ' joblib.parallel_config(backend="sshjobs", inventory="hosts.toml")')
-        if executor is None:
-            executor = Executor(inventory, **cluster_options)
-            # closes the connections once the backend is dropped (or at exit)
-            weakref.finalize(self, executor.shutdown, wait=True, cancel_futures=True)
-        elif cluster_options:
+        if executor is not None and cluster_options:
             raise TypeError(f"options for a new Executor given with executor=: {sorted(cluster_options)}")
-        self.executor = executor
-        self._slots: int | None = None
+        if inventory is not None and not isinstance(inventory, BaseInventory):
+            from .api import Inventory
+
+            inventory = Inventory.load(inventory)  # a bad file is an error here, not at the first call
+        self.inventory = inventory
+        self.cluster_options = cluster_options
+        self.own = executor is None  # made here: closed at the end of each Parallel call
+        self.executor: Executor | None = executor
         self._lock = threading.Lock()
         self._pending: set = set()
+
+    def _executor(self) -> Executor:
+        with self._lock:
+            if self.executor is None:
+                self.executor = ex = Executor(self.inventory, **self.cluster_options)
+                weakref.finalize(self, ex.shutdown, wait=True, cancel_futures=True)  # a backend dropped mid-call
+            return self.executor
+
+    def configure(self, n_jobs=1, parallel=None, **backend_kwargs):
+        self.parallel = parallel
+        self._executor()  # connects now: the hosts that are up give n_jobs=-1 its number
+        return self.effective_n_jobs(n_jobs)
+
+    def terminate(self) -> None:
+        """The end of a Parallel call (or of ``with Parallel(...)``): an Executor made here
+        closes its connections; the next call makes a new one."""
+        with self._lock:
+            ex, self.executor = (self.executor, None) if self.own else (None, self.executor)
+        if ex is not None:
+            ex.shutdown(wait=True, cancel_futures=True)
 
     def effective_n_jobs(self, n_jobs: int | None) -> int:
         if n_jobs == 0:
@@ -72,16 +95,20 @@ class SshjobsBackend(AutoBatchingMixin, ParallelBackendBase):
             n_jobs = self.default_n_jobs
         if n_jobs > 0:
             return n_jobs
-        if self._slots is None:
-            self._slots = self.executor.slots()
-        return max(self._slots + 1 + n_jobs, 1)
+        if self.executor is not None:
+            slots = self.executor.slots()
+        elif all(isinstance(h.slots, int) for h in self.inventory.hosts):  # outside a call: connect for no count
+            slots = sum(h.slots for h in self.inventory.hosts)
+        else:
+            slots = self._executor().slots()
+        return max(slots + 1 + n_jobs, 1)
 
     def submit(self, func, callback=None):
         # the tasks' functions travel inside the batch: the user's own modules go by value,
         # as a job's function does
         for task in {id(t[0]): t[0] for t in func.items}.values():
             ship_local_code(task)
-        future = self.executor.submit(run_batch, func.items)
+        future = self._executor().submit(run_batch, func.items)
         with self._lock:
             self._pending.add(future)
         future.add_done_callback(self._forget)

@@ -60,6 +60,12 @@ def wait_no_processes(users, timeout=5.0) -> dict[str, list[str]]:
         time.sleep(0.1)
 
 
+def quiet(users) -> None:
+    """Wait until the hosts hold no process of an earlier test (a killed CLI's workers end
+    a little after it), so that what a test counts is its own."""
+    assert wait_no_processes(users, timeout=30) == {}
+
+
 def host_path(lab, index: int, workdir: str) -> Path:
     """A host's workdir as seen from the controller (the lab's hosts share this machine)."""
     if workdir.startswith("~/"):
@@ -84,6 +90,18 @@ def fresh_inv(lab):
     yield make
     for i in range(len(hosts)):
         shutil.rmtree(make.workdir(i), ignore_errors=True)
+
+
+@pytest.fixture
+def shared():
+    """A folder every lab host (each a user of its own) can write, outside pytest's private
+    tmp folders: where jobs leave marks for the test to count."""
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="sshjobs-shared-"))
+    d.chmod(0o777)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

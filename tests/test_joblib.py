@@ -11,6 +11,8 @@ from joblib import Parallel, delayed, parallel_config
 import sshjobs.joblib  # noqa: F401  (registers "sshjobs")
 from sshjobs import Executor, RemoteError
 
+from .conftest import quiet, wait_no_processes
+
 
 def square_where(x):
     import getpass
@@ -19,12 +21,15 @@ def square_where(x):
 
 
 def test_parallel_runs_on_every_slot_of_every_host(lab, inv):
+    quiet([h.user for h in inv.hosts])
     with parallel_config(backend="sshjobs", inventory=lab.inventory_path):
         assert joblib.effective_n_jobs(-1) == 10  # ten hosts of one slot each
         out = Parallel(n_jobs=-1)(delayed(square_where)(i) for i in range(1000))
     assert [v for v, _ in out] == [i * i for i in range(1000)]
     assert {user for _, user in out} == {h.user for h in inv.hosts}
     assert getpass.getuser() not in {h.user for h in inv.hosts}
+    # the Executor made for the call closed with it: nothing is left on the hosts
+    assert wait_no_processes([h.user for h in inv.hosts], timeout=10) == {}
 
 
 def test_the_backend_is_refused_without_an_inventory():

@@ -16,7 +16,8 @@ FLOORS = [
     "safe",                                                # the restricted unpickler
     "sources",                                             # inventories users have (ssh_config, Ansible)
     "inventory", "connection", "worker", "hosts",          # the data path, in order
-    "provisioning", "scheduler", "api", "executor", "joblib",
+    "provisioning", "scheduler", "journal", "stream", "progress",  # a map: its journal, engine and bar
+    "api", "executor", "joblib",
     "display", "lab", "dockerlab", "cli",                  # the faces, the lab beside
     "__init__", "__main__",
 ]
