@@ -143,6 +143,20 @@ def test_a_full_disk_fails_that_host_and_the_others_finish(lab, inv, tag, tmp_pa
         subprocess.run(["umount", str(mount)], capture_output=True)
 
 
+def test_a_host_that_cannot_be_reached_fails_alone(lab, inv, tag, tmp_path):
+    from dataclasses import replace
+
+    from sshjobs import Inventory
+
+    src = tmp_path / "f.txt"
+    src.write_text("x")
+    hosts = inv.select("node01,node02").hosts
+    results = Inventory([hosts[0], replace(hosts[1], name="down", port=1), hosts[1]]).put(src, tag)
+    assert [r.host for r in results] == ["node01", "down", "node02"]
+    assert results[0].ok and results[2].ok
+    assert results[1].error.type == "ConnectionRefused"
+
+
 # -- get ------------------------------------------------------------------------------------
 def test_get_puts_each_hosts_copy_in_a_folder_named_after_it(lab, inv, tag, tmp_path):
     for i in range(len(lab.hosts)):
