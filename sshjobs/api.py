@@ -36,7 +36,8 @@ class Cluster:
     """Connections and workers on every host of an inventory, for many calls.
 
     ``async with inventory.connect() as cluster:`` then ``await cluster.gather(fn)``,
-    ``await cluster.map(fn, items)``, ``await cluster.submit(fn, *args)``.
+    ``await cluster.map(fn, items)``, ``await cluster.submit(fn, *args)``; files with
+    ``put``, ``get`` and ``sync``.
     ``on_event(host_name, event, info)`` hears progress (see ``sshjobs.events``).
     ``requirements``: every call (``submit`` too) runs in their environment, installed
     where missing; the workers start straight in it where it exists.  ``preload``: modules

@@ -15,6 +15,7 @@ Symbolic links to files are copied as files; links to folders are skipped.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -72,9 +73,10 @@ def local_path(path: str | os.PathLike, what: str = "local path") -> Path:
     """A controller path that must exist: a ConfigError (nothing contacted) if it does not."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"{what} must be a path (str or os.PathLike), not {type(path).__name__} {path!r}")
-    p = Path(os.path.expanduser(os.fspath(path)))
     if not os.fspath(path):
         raise ConfigError(f"{what} is empty")
+    # absolute and normalised ("." has a name: the folder's), links kept as named
+    p = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
     if not p.exists():
         raise ConfigError(f"{path}: no such file or folder on the controller")
     return p
@@ -90,8 +92,8 @@ def remote_path(path: str | os.PathLike, what: str = "remote path") -> str:
     if text == "~":
         return "."
     if text.startswith("~/"):
-        return text[2:].lstrip("/") or "."
-    return text
+        text = text[2:].lstrip("/") or "."
+    return text.rstrip("/") or "/"
 
 
 def scan(path: Path, top: str | None = None) -> LocalTree:
@@ -512,9 +514,9 @@ async def sync(states: Sequence[HostState], ready: Ready, tree: LocalTree, remot
     """Make ``remote_dir`` on every host hold ``tree``'s files (a local folder's): only those
     whose content differs from the host's copy are sent; ``delete`` also removes the files
     and folders the local folder does not have.  Each Result's value: ``files`` and
-    ``bytes`` sent, ``unchanged``, ``deleted``, ``remote`` (absolute)."""
-    # The digests: in a thread, while the hosts connect (the first sync of big files reads them all).
-    manifest = await asyncio.to_thread(lambda: {f.rel: [f.size, digest(f)] for f in tree.files})
+    ``bytes`` sent, ``unchanged`` (files already the same), ``deleted`` (files and folders
+    removed), ``remote`` (absolute)."""
+    manifest = await _manifest(tree)
     request = json.dumps({"root": remote_dir, "files": manifest, "dirs": tree.dirs, "delete": delete}).encode()
     by_rel = {f.rel: f for f in tree.files}
 
@@ -532,6 +534,23 @@ async def sync(states: Sequence[HostState], ready: Ready, tree: LocalTree, remot
                 "deleted": len(reply["deleted"]), "remote": root}
 
     return await _every_host(states, ready, "sync", work)
+
+
+async def _manifest(tree: LocalTree) -> dict[str, list]:
+    """{relative path: [size, sha256]} of the files to sync.  Files not hashed before are read
+    in a thread of their own while the hosts connect: not in the loop's default executor,
+    which the connects use (``api.use_lean_executor`` leaves it one thread)."""
+
+    def build() -> dict[str, list]:
+        return {f.rel: [f.size, digest(f)] for f in tree.files}
+
+    if all((hit := _DIGESTS.get(f.path)) is not None and hit[0] == f.stamp for f in tree.files):
+        return build()
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sshjobs-digest")
+    try:
+        return await asyncio.get_running_loop().run_in_executor(pool, build)
+    finally:
+        pool.shutdown(wait=False)
 
 
 async def tree_call(state: HostState, request: bytes) -> dict:

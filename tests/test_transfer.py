@@ -290,3 +290,33 @@ def test_cli_put_get_sync(lab, tag, tmp_path):
     p = sshjobs("sync", "--help")
     assert p.returncode == 0 and "--delete" in p.stdout
     assert json.loads(json.dumps(rows))  # rows are plain JSON
+
+
+def test_the_tree_bundle_runs_on_a_bare_python3(tmp_path):
+    """The host's side of sync on a python3 with nothing of sshjobs (isolated, no site)."""
+    from sshjobs.remote import STUB, TREE
+    from sshjobs.transfer import digest, scan
+
+    local = make_tree(tmp_path / "local", {"same": b"1", "changed": b"new", "new/inner": b"x"})
+    remote = make_tree(tmp_path / "remote", {"same": b"1", "changed": b"old", "extra/gone": b"y", "loose": b"z"})
+    tree = scan(local)
+    request = {"root": str(remote), "files": {f.rel: [f.size, digest(f)] for f in tree.files}, "dirs": tree.dirs}
+
+    def call(**extra):
+        data = TREE.start(None) + json.dumps(dict(request, **extra)).encode()
+        done = subprocess.run(["/usr/bin/python3", "-I", "-S", "-c", STUB], input=data, capture_output=True,
+                              cwd=tmp_path, timeout=30)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout.decode().splitlines()[-1])
+
+    reply = call(delete=False)
+    assert reply["ok"] and reply["root"] == str(remote)
+    assert sorted(reply["send"]) == ["changed", "new/inner"] and reply["unchanged"] == 1 and reply["deleted"] == []
+    assert (remote / "new").is_dir() and (remote / "loose").exists()
+    reply = call(delete=True)
+    assert sorted(reply["deleted"]) == ["extra", "extra/gone", "loose"]
+    assert sorted(p.name for p in remote.iterdir()) == ["changed", "new", "same"]
+    (remote / "new").rmdir()
+    (remote / "new").write_text("a file where a folder goes")
+    reply = call(delete=False)
+    assert not reply["ok"] and "not a folder on the host" in reply["error"] and str(remote / "new") in reply["error"]
