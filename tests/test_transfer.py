@@ -320,3 +320,19 @@ def test_the_tree_bundle_runs_on_a_bare_python3(tmp_path):
     (remote / "new").write_text("a file where a folder goes")
     reply = call(delete=False)
     assert not reply["ok"] and "not a folder on the host" in reply["error"] and str(remote / "new") in reply["error"]
+
+
+def test_the_live_display_follows_the_transfer_events():
+    from sshjobs.display import Progress, describe_transfer
+
+    progress = Progress(["a", "b"])
+    progress.event("a", "transferring", {"op": "put", "files": 3, "bytes": 3_000_000, "done_files": 1,
+                                         "done_bytes": 1_500_000})
+    assert progress.hosts["a"].state == "transferring" and progress.hosts["a"].note == "1/3 files, 1.5 MB of 3.0 MB"
+    progress.event("a", "transferred", {"op": "sync", "files": 1, "bytes": 9, "unchanged": 20, "deleted": 2,
+                                        "remote": "/home/u/x"})
+    assert progress.hosts["a"].state == "done"
+    assert progress.hosts["a"].note == "1 file, 9 B sent, 20 unchanged, 2 deleted -> /home/u/x"
+    progress.event("b", "transfer-failed", {"op": "get", "type": "TransferError", "error": "x: no such file"})
+    assert progress.hosts["b"].state == "failed" and progress.hosts["b"].note == "TransferError: x: no such file"
+    assert describe_transfer({"files": 2, "bytes": 2048, "local": "out/a/x"}) == "2 files, 2.0 kB -> out/a/x"
