@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 LAB_DIR ?= .lab
 LAB_HOSTS ?= 10
 
-.PHONY: venv system-deps lint test bench demo lab-up lab-down clean docker-base docker-up docker-demo docker-down
+.PHONY: venv system-deps lint test bench bench-transfer demo lab-up lab-down clean docker-base docker-up docker-demo docker-down
 
 # openssh-server for the local lab (root on Debian; otherwise say what is missing)
 system-deps:
@@ -31,6 +31,10 @@ test: system-deps venv docker-base lint
 # The benchmarks (bench/README.md): a 100-host lab on 127.0.$${SSHJOBS_LAB_SUBNET:-9}.x, ~5 min.
 bench: system-deps venv
 	$(PY) -m bench $(BENCH_ARGS)
+
+# Files over SFTP (bench/transfer.py): a 10-host lab on 127.0.$${SSHJOBS_LAB_SUBNET:-6}.x, ~1 min.
+bench-transfer: system-deps venv
+	$(PY) -m bench.transfer $(BENCH_ARGS)
 
 # The seed demo: a 10-host lab (stopped afterwards), numpy installed on every host, 10 jobs.
 # DEMO_ARGS="--keep-lab" leaves the lab running; DEMO_ARGS="-i hosts.toml" uses your hosts.

@@ -13,10 +13,11 @@ import queue
 import signal
 import threading
 from os import PathLike
+from pathlib import Path
 from traceback import format_exception
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, TypeVar
 
-from . import provisioning, safe
+from . import provisioning, safe, transfer
 from .errors import ClusterClosed, ConfigError, HostError, InstallError, PicklingError
 from .events import Callback, Events
 from .hosts import HostState
@@ -39,7 +40,8 @@ class Cluster:
     """Connections and workers on every host of an inventory, for many calls.
 
     ``async with inventory.connect() as cluster:`` then ``await cluster.gather(fn)``,
-    ``await cluster.map(fn, items)``, ``await cluster.submit(fn, *args)``.
+    ``await cluster.map(fn, items)``, ``await cluster.submit(fn, *args)``; files with
+    ``put``, ``get`` and ``sync``.
     ``on_event(host_name, event, info)`` hears progress (see ``sshjobs.events``).
     ``requirements``: every call (``submit`` too) runs in their environment, installed
     where missing; the workers start straight in it where it exists.  ``preload``: modules
@@ -267,6 +269,51 @@ class Cluster:
         self._check_open()
         await self._connect()
         return await provisioning.prune_envs(self.states, older_than)
+
+    # -- files --------------------------------------------------------------------
+    async def put(self, local_path: str | PathLike, remote_dir: str | PathLike) -> list[Result]:
+        """Copy a local file, or a folder and everything under it, into ``remote_dir`` on every
+        host (created if missing; a relative path is under the host's home), over SFTP, every
+        host at once.  One Result per host (inventory order) whose value is a dict: ``files``,
+        ``bytes``, ``remote`` (where it arrived).  A missing ``local_path`` raises
+        ``ConfigError`` before anything is contacted; a host where the copy fails (a path not
+        allowed, a full disk) gets a ``TransferError`` Result and the others finish."""
+        self._check_open()
+        source = transfer.local_path(local_path)
+        remote = transfer.remote_path(remote_dir, "remote_dir")
+        self._begin()
+        return await transfer.put(self.states, self.ready, source, remote)
+
+    async def get(self, remote_path: str | PathLike, local_dir: str | PathLike) -> list[Result]:
+        """Copy a file or folder from every host into ``local_dir/<host name>/`` (created if
+        missing).  One Result per host (inventory order) whose value is a dict: ``files``,
+        ``bytes``, ``local`` (the copy's path); a host without ``remote_path`` (or not
+        allowed to read it) gets a ``TransferError`` Result."""
+        self._check_open()
+        remote = transfer.remote_path(remote_path, "remote_path")
+        if not isinstance(local_dir, (str, PathLike)) or not str(local_dir):
+            raise TypeError(f"local_dir must be a path (str or os.PathLike), not {local_dir!r}")
+        local = Path(local_dir).expanduser()
+        if local.exists() and not local.is_dir():
+            raise ConfigError(f"{local_dir}: not a folder on the controller")
+        self._begin()
+        return await transfer.get(self.states, self.ready, remote, local)
+
+    async def sync(self, local_dir: str | PathLike, remote_dir: str | PathLike, delete: bool = False) -> list[Result]:
+        """Make ``remote_dir`` on every host hold the files of ``local_dir``, sending only those
+        whose content differs from the host's copy (sha256, computed on the host); ``delete``
+        also removes there what ``local_dir`` does not have.  One Result per host (inventory
+        order) whose value is a dict: ``files`` and ``bytes`` sent, ``unchanged``,
+        ``deleted``, ``remote``.  A missing ``local_dir`` raises ``ConfigError`` before anything
+        is contacted."""
+        self._check_open()
+        source = transfer.local_path(local_dir, "local_dir")
+        if not source.is_dir():
+            raise ConfigError(f"{local_dir}: not a folder (sync copies a folder's files; put copies a file)")
+        remote = transfer.remote_path(remote_dir, "remote_dir")
+        tree = transfer.scan(source)
+        self._begin()
+        return await transfer.sync(self.states, self.ready, tree, remote, delete=bool(delete))
 
     # -- jobs ---------------------------------------------------------------------
     def _loads(self, state: HostState, safe_results) -> Callable | None:
@@ -818,3 +865,18 @@ class Inventory(BaseInventory):
         """Remove environments unused for ``older_than`` (e.g. "7d") on every host."""
         return run_sync(self, lambda c: c.prune_envs(older_than), on_event=on_event)
 
+    def put(self, local_path: str | PathLike, remote_dir: str | PathLike, /, *,
+            on_event: Callback | None = None) -> list[Result]:
+        """Copy a local file or folder into ``remote_dir`` on every host (see ``Cluster.put``)."""
+        return run_sync(self, lambda c: c.put(local_path, remote_dir), on_event=on_event)
+
+    def get(self, remote_path: str | PathLike, local_dir: str | PathLike, /, *,
+            on_event: Callback | None = None) -> list[Result]:
+        """Copy a file or folder from every host into ``local_dir/<host name>/`` (see ``Cluster.get``)."""
+        return run_sync(self, lambda c: c.get(remote_path, local_dir), on_event=on_event)
+
+    def sync(self, local_dir: str | PathLike, remote_dir: str | PathLike, /, *, delete: bool = False,
+             on_event: Callback | None = None) -> list[Result]:
+        """Send the files of ``local_dir`` whose content differs to ``remote_dir`` on every host
+        (see ``Cluster.sync``)."""
+        return run_sync(self, lambda c: c.sync(local_dir, remote_dir, delete=delete), on_event=on_event)

@@ -727,6 +727,66 @@ async def _exec_one(host, line: str, timeout: float | None, sem: asyncio.Semapho
     return row
 
 
+# -- files to and from the hosts ---------------------------------------------------------------
+@cli.command()
+@click.argument("local", type=click.Path(exists=True))
+@click.argument("remote_dir")
+@_inventory_options
+@_output_options
+def put(local, remote_dir, **kw):
+    """Copy LOCAL (a file, or a folder and all it holds) into REMOTE_DIR on every host.
+
+    REMOTE_DIR is created if missing; a relative one (or ~/...) is under each host's home. Files
+    go over SFTP on each host's connection, every host at once, each under a temporary name
+    renamed into place. Exit 1 when a host failed (a path it may not write, a full disk).
+    """
+    from .display import describe_transfer
+    opts = _options(kw)
+    inv = load_inventory(opts)
+    return run_jobs(inv, opts, lambda cluster: cluster.put(local, remote_dir), title=f"put {local} {remote_dir}",
+                    per_host=True, what="hosts", describe=describe_transfer)
+
+
+@cli.command()
+@click.argument("remote_path")
+@click.argument("local_dir", type=click.Path(file_okay=False))
+@_inventory_options
+@_output_options
+def get(remote_path, local_dir, **kw):
+    """Copy REMOTE_PATH (a file or folder) from every host into LOCAL_DIR/HOST/.
+
+    Each host's copy goes into a folder named after the host, created if missing; a relative
+    REMOTE_PATH is under the host's home. Exit 1 when a host failed (it has no such path, say).
+    """
+    from .display import describe_transfer
+    opts = _options(kw)
+    inv = load_inventory(opts)
+    return run_jobs(inv, opts, lambda cluster: cluster.get(remote_path, local_dir),
+                    title=f"get {remote_path} {local_dir}", per_host=True, what="hosts", describe=describe_transfer)
+
+
+@cli.command()
+@click.argument("local_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("remote_dir")
+@click.option("--delete", is_flag=True, help="Also remove from REMOTE_DIR what LOCAL_DIR does not have.")
+@_inventory_options
+@_output_options
+def sync(local_dir, remote_dir, delete, **kw):
+    """Make REMOTE_DIR on every host hold LOCAL_DIR's files, sending only those that changed.
+
+    Each host hashes its copy (sha256) and only the files whose content differs are sent, so
+    a second sync of an unchanged folder sends nothing. A relative REMOTE_DIR is under the
+    host's home. Exit 1 when a host failed.
+    """
+    from .display import describe_transfer
+    opts = _options(kw)
+    inv = load_inventory(opts)
+    flag = " --delete" if delete else ""
+    return run_jobs(inv, opts, lambda cluster: cluster.sync(local_dir, remote_dir, delete=delete),
+                    title=f"sync {local_dir} {remote_dir}{flag}", per_host=True, what="hosts",
+                    describe=describe_transfer)
+
+
 @cli.command()
 @_inventory_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per host on stdout.")

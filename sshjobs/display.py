@@ -19,7 +19,7 @@ log = get_logger("sshjobs.cli")
 _STYLE = {
     "waiting": "dim", "connecting": "cyan", "connected": "blue", "installing": "magenta",
     "installed": "green", "running": "yellow", "done": "green", "failed": "bold red",
-    "reconnecting": "bold yellow",
+    "reconnecting": "bold yellow", "transferring": "yellow",
 }
 LIVE_ROWS = 20  # hosts drawn at most; the busiest and failed ones first
 
@@ -82,6 +82,16 @@ class Progress:
         elif event == events.INSTALL_FAILED:
             h.state = "failed"
             h.note = _first_line(f"{info.get('type', 'InstallError')}: {info.get('error', '')}")
+        elif event == events.TRANSFERRING:
+            h.state = "transferring"
+            h.note = (f"{info.get('done_files', 0)}/{info.get('files', 0)} files,"
+                      f" {fmt_bytes(info.get('done_bytes'))} of {fmt_bytes(info.get('bytes'))}")
+        elif event == events.TRANSFERRED:
+            h.state = "done"
+            h.note = describe_transfer(info)
+        elif event == events.TRANSFER_FAILED:
+            h.state = "failed"
+            h.note = _first_line(f"{info.get('type', 'TransferError')}: {info.get('error', '')}")
         elif event == events.CONNECTED:
             h.state = "connected"
             if info.get("python"):
@@ -490,6 +500,27 @@ def describe_env(value: Any) -> str:
     how = "already there" if value.get("cached") else f"built (uv: {value.get('uv')})"
     return f"env {value['hash']} {how}: {value.get('env', '')}"
 
+
+
+def fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def describe_transfer(value: Any) -> str:
+    """A put, get or sync Result's value in short: what was copied, and where to."""
+    if not isinstance(value, dict) or "files" not in value:
+        return short(value)
+    n = value["files"]
+    text = f"{n} file{'s' if n != 1 else ''}, {fmt_bytes(value.get('bytes', 0))}"
+    if "unchanged" in value:
+        text += f" sent, {value['unchanged']} unchanged, {value.get('deleted', 0)} deleted"
+    where = value.get("remote") or value.get("local")
+    return f"{text} -> {where}" if where else text
 
 
 def age(now: float, then: float | None) -> str:

@@ -27,10 +27,11 @@ nothing else of sshjobs, so every other module can use it.
     │   │   ├── WorkerStartError           "WorkerStartError": it could not start
     │   │   ├── WorkerLost                 "WorkerLost": it ended under a job
     │   │   └── PythonMismatch             "PythonMismatch": another Python minor version
-    │   └── InstallError                   "InstallError": an environment could not be built
-    │       ├── UvUnavailable              "UvUnavailable": no uv on the host, none to be had
-    │       ├── OfflineError               "OfflineError": wheels for an offline host
-    │       └── UploadError                "UploadError": SFTP upload to the host
+    │   ├── InstallError                   "InstallError": an environment could not be built
+    │   │   ├── UvUnavailable              "UvUnavailable": no uv on the host, none to be had
+    │   │   ├── OfflineError               "OfflineError": wheels for an offline host
+    │   │   └── UploadError                "UploadError": SFTP upload to the host
+    │   └── TransferError                  "TransferError": put, get or sync of files on the host
     └── JobError                           the job ran (or was sent) and gave no value
         ├── RemoteError                    the job raised: ``type`` is its exception's name
         ├── Timeout                        "Timeout": it overran its timeout and was killed
@@ -238,6 +239,13 @@ class UploadError(InstallError):
     """Uploading uv or wheels to the host failed."""
 
     kind = "UploadError"
+
+
+class TransferError(HostError):
+    """Files could not be copied to or from the host (``put``, ``get``, ``sync``): a path
+    that is not there or not allowed, a full disk; the message names the host and the path."""
+
+    kind = "TransferError"
 
 
 # -- jobs -----------------------------------------------------------------------------------

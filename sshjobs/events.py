@@ -6,7 +6,8 @@ not block, and an exception in it is logged, never raised into the run.  A host 
 connection drops is reconnected in the background with backoff: ``reconnecting`` at each
 attempt (its ``error`` and ``message`` say why the connection dropped), ``reconnected``
 once it is back; ``failed`` only when it cannot come back (a changed host key, refused
-credentials, a worker that cannot start).
+credentials, a worker that cannot start).  ``op`` of the transfer events is ``put``,
+``get`` or ``sync``; ``files`` and ``bytes`` are what that host's copy has to move.
 
 | event              | when                                   | info keys                                   |
 |--------------------|----------------------------------------|---------------------------------------------|
@@ -22,6 +23,9 @@ credentials, a worker that cannot start).
 | ``uploading-wheels`` | wheels go to an offline host         | count, skipped                              |
 | ``installed``      | the environment is there               | the install Result's value                  |
 | ``install-failed`` | the install failed on that host        | type (kind), error (message)                |
+| ``transferring``   | files being copied: at the start, then at most every 0.25 s | op, files, bytes, done_files, done_bytes |
+| ``transferred``    | a host's copy is complete              | op, and the Result's value (files, bytes...)  |
+| ``transfer-failed`` | a host's copy failed                  | op, type (kind), error (message)            |
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ UPLOADING_UV = "uploading-uv"
 UPLOADING_WHEELS = "uploading-wheels"
 INSTALLED = "installed"
 INSTALL_FAILED = "install-failed"
+TRANSFERRING = "transferring"
+TRANSFERRED = "transferred"
+TRANSFER_FAILED = "transfer-failed"
 
 Callback = Callable[[str, str, dict], Any]
 
@@ -113,3 +120,14 @@ class Events:
 
     def install_failed(self, host: str, kind: str, message: str) -> None:
         self.emit(host, INSTALL_FAILED, {"error": message, "type": kind})
+
+    def transferring(self, host: str, op: str, files: int, size: int, done_files: int, done_bytes: int) -> None:
+        if self.on_event is not None:
+            self.emit(host, TRANSFERRING, {"op": op, "files": files, "bytes": size, "done_files": done_files,
+                                           "done_bytes": done_bytes})
+
+    def transferred(self, host: str, op: str, value: dict) -> None:
+        self.emit(host, TRANSFERRED, {"op": op, **value})
+
+    def transfer_failed(self, host: str, op: str, kind: str, message: str) -> None:
+        self.emit(host, TRANSFER_FAILED, {"op": op, "error": message, "type": kind})

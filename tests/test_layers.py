@@ -16,6 +16,7 @@ FLOORS = [
     "safe",                                                # the restricted unpickler
     "sources",                                             # inventories users have (ssh_config, Ansible)
     "inventory", "connection", "worker", "hosts",          # the data path, in order
+    "transfer",                                            # files to and from the hosts (SFTP)
     "provisioning", "scheduler", "journal", "stream", "progress",  # a map: its journal, engine and bar
     "api", "executor", "joblib",
     "display", "lab", "dockerlab", "cli",                  # the faces, the lab beside

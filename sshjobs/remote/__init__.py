@@ -6,9 +6,10 @@
 | ``files`` | the workdir's files: private folders, the compiled-code cache, removal | both bundles |
 | ``worker`` | the worker loop, job output capture, cloudpickle's light loaders | ``WORKER`` |
 | ``provision`` | the host side of provisioning: environment ids, uv, builds, list/prune | ``PROVISION`` |
+| ``tree`` | the host side of ``sync``: a folder's files compared by content, removals | ``TREE`` |
 
 This file is the controller's alone (never shipped): it reads each module's source once
-and builds the two bundles.  The controller runs ``python3 -c STUB`` on a host and writes
+and builds the bundles.  The controller runs ``python3 -c STUB`` on a host and writes
 a bundle's ``start(workdir)`` to its stdin; the STUB makes the package ``sshjobs_remote``
 there, runs each module of the bundle as ``sshjobs_remote.NAME``, in order (so their
 relative imports find each other in sys.modules), and calls the last one's ``main()``.
@@ -76,7 +77,7 @@ _HERE = Path(__file__).parent
 # Which hosts can run code compiled here: the STUB's test of a header's TAG.
 TAG = f"{sys.implementation.cache_tag}-{MAGIC_NUMBER.hex()}"
 # Every remote module's source, read once: what the bundles send and their cache keys hash.
-SOURCES = {name: (_HERE / f"{name}.py").read_bytes() for name in ("protocol", "files", "worker", "provision")}
+SOURCES = {name: (_HERE / f"{name}.py").read_bytes() for name in ("protocol", "files", "worker", "provision", "tree")}
 
 
 class Bundle:
@@ -115,3 +116,4 @@ class Bundle:
 
 WORKER = Bundle("protocol", "files", "worker")
 PROVISION = Bundle("protocol", "files", "provision")
+TREE = Bundle("files", "tree")
