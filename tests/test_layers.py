@@ -16,8 +16,8 @@ FLOORS = [
     "safe",                                                # the restricted unpickler
     "sources",                                             # inventories users have (ssh_config, Ansible)
     "inventory", "connection", "worker", "hosts",          # the data path, in order
-    "provisioning", "scheduler", "api", "executor", "joblib",
-    "display", "lab", "dockerlab", "cli",                  # the faces, the lab beside
+    "provisioning", "scheduler", "trace", "api", "executor", "joblib",
+    "display", "timeline", "lab", "dockerlab", "cli",      # the faces, the lab beside
     "__init__", "__main__",
 ]
 
