@@ -181,7 +181,12 @@ class Recorder:
                 label = "host" if tid == HOST_TID else f"slot {tid - 1}"
                 meta.append({"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": label}})
                 meta.append({"name": "thread_sort_index", "ph": "M", "pid": pid, "tid": tid, "args": {"sort_index": tid}})
-        return {"traceEvents": meta + sorted(laid_out(self.records), key=lambda e: e["ts"]), "displayTimeUnit": "ms",
+        timed = laid_out(self.records)
+        early = min((e["ts"] for e in timed), default=0.0)
+        if early < 0:  # a span measured back from its end began before the Cluster: all of them later
+            for e in timed:
+                e["ts"] = round(e["ts"] - early, 1)
+        return {"traceEvents": meta + sorted(timed, key=lambda e: e["ts"]), "displayTimeUnit": "ms",
                 "otherData": {"producer": f"sshjobs {__version__}", "started": self.started.isoformat(timespec="seconds"),
                               "hosts": len(self.pids)}}
 
