@@ -137,6 +137,21 @@ def test_gather_traces_one_job_per_host_ok_failed_and_timeout(inv, tmp_path):
     assert 1.3e6 <= jobs["node03"]["dur"] <= 5e6  # the timeout, in microseconds
 
 
+def test_submitted_jobs_are_traced_through_the_executor(inv, tmp_path):
+    from sshjobs import Executor
+
+    path = tmp_path / "submit.json"
+    with Executor(inv.select("node0[1-2]"), trace=path) as ex:
+        futures = [ex.submit(seven_fails, i) for i in range(6, 12)]
+        values = [f.exception() or f.result() for f in futures]
+    assert values[0] == 36 and isinstance(values[1], ValueError)
+    doc = load(path)
+    check_shape(doc)
+    jobs = complete(doc, "job")
+    assert len(jobs) == 6 and all(e["name"] == "seven_fails" for e in jobs)
+    assert sorted(e["args"]["outcome"] for e in jobs) == ["failed"] + ["ok"] * 5
+
+
 def test_a_host_that_cannot_connect_is_a_failed_connect(lab, tmp_path):
     ghost = {"name": "ghost", "address": "127.0.0.1", "port": 1, "user": lab.hosts[0].user,
              "identity": str(lab.identity), "known_hosts": str(lab.known_hosts)}
