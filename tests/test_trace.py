@@ -369,3 +369,12 @@ def test_the_timeline_page_draws_every_job_in_chromium(inv, tmp_path):
 
     assert near((0x3A, 0x9E, 0x5C)) > 500  # ok bars
     assert near((0xD6, 0x45, 0x45)) > 40  # the failed one (and its legend swatch)
+
+
+def test_the_live_display_keeps_a_hosts_state_when_another_worker_starts():
+    from sshjobs.display import Progress
+
+    progress = Progress(["a"])
+    progress.event("a", events.RUNNING, {"jobs": 1, "job": 0, "slot": 0})
+    progress.event("a", events.WORKER_STARTED, {"slot": 1, "start_time": 0.02})
+    assert progress.hosts["a"].state == "running"
