@@ -109,7 +109,7 @@ class Events:
         self.emit(host, WORKER_STARTED, {"slot": slot, "start_time": start_time})
 
     def running(self, host: str, first: int, count: int, slot: int | None = None) -> None:
-        if self.on_event is not None or self.recorder is not None:
+        if self.on_event is not None:  # a trace's recorder makes its bars from `done`
             self.emit(host, RUNNING, {"jobs": count, "job": first, "slot": slot})
 
     def done(self, host: str, results: Sequence["Result"], *, slot: int | None = None, elapsed: float | None = None,
