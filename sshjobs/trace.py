@@ -28,7 +28,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import tempfile
+import secrets
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -206,9 +206,10 @@ class Recorder:
     def write(self) -> Path:
         """Write the trace to its file (replacing it whole, never half-written); its path."""
         text = json.dumps(self.trace(), separators=(",", ":"), default=str)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        # Not mkstemp: its file is private (0600); this one gets the umask's mode, as open() would.
+        tmp = self.path.parent / f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
+            with open(tmp, "x", encoding="utf-8") as f:
                 f.write(text)
             os.replace(tmp, self.path)
         except BaseException:

@@ -179,6 +179,9 @@ def test_the_trace_is_written_when_the_run_fails(inv, tmp_path):
     doc = load(path)
     assert [e["args"]["outcome"] for e in complete(doc, "job")] == ["ok"]
     assert not list(tmp_path.glob(".*.tmp"))  # written through a temporary file, renamed into place
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # the mode open() gives, not a temp file's 0600
 
 
 def test_a_trace_path_is_checked_before_anything_is_contacted(inv, tmp_path):
