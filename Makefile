@@ -7,11 +7,13 @@ LAB_HOSTS ?= 10
 
 .PHONY: venv system-deps lint test bench bench-transfer demo lab-up lab-down clean docker-base docker-up docker-demo docker-down
 
-# openssh-server for the local lab (root on Debian; otherwise say what is missing)
+# openssh-server for the local lab, chromium for the timeline page's browser test (root on
+# Debian; otherwise say what is missing: without chromium that test is skipped, except in CI)
 system-deps:
-	@if [ ! -x /usr/sbin/sshd ]; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client python3-venv >/dev/null; \
-	  else echo "install openssh-server (sudo apt-get install openssh-server)"; exit 1; fi; \
+	@if [ ! -x /usr/sbin/sshd ] || ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client python3-venv chromium >/dev/null; \
+	  elif [ ! -x /usr/sbin/sshd ]; then echo "install openssh-server (sudo apt-get install openssh-server chromium)"; exit 1; \
+	  else echo "note: chromium is missing (sudo apt-get install chromium): the timeline's browser test will be skipped"; fi; \
 	fi
 
 $(VENV)/.installed: pyproject.toml

@@ -18,6 +18,7 @@ from traceback import format_exception
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, TypeVar
 
 from . import provisioning, safe, transfer
+from . import trace as tracing
 from .errors import ClusterClosed, ConfigError, HostError, InstallError, PicklingError
 from .events import Callback, Events
 from .hosts import HostState
@@ -43,6 +44,9 @@ class Cluster:
     ``await cluster.map(fn, items)``, ``await cluster.submit(fn, *args)``; files with
     ``put``, ``get`` and ``sync``.
     ``on_event(host_name, event, info)`` hears progress (see ``sshjobs.events``).
+    ``trace``: a file the run is written to as it closes, every connect, worker start,
+    install and job with its outcome per host and slot, in the Chrome trace format
+    (``sshjobs.trace``; open it in Perfetto or draw it with ``sshjobs timeline``).
     ``requirements``: every call (``submit`` too) runs in their environment, installed
     where missing; the workers start straight in it where it exists.  ``preload``: modules
     every worker imports as it starts, before the first job (with each host's inventory
@@ -58,11 +62,14 @@ class Cluster:
                  start_timeout: float = 60.0, on_output: Callable | None = None,
                  on_event: Callback | None = None, offline: bool | None = None,
                  safe_results: bool | Iterable[str] | None = None,
-                 requirements: str | PathLike | Iterable[str] | None = None, preload: Iterable[str] = ()):
+                 requirements: str | PathLike | Iterable[str] | None = None, preload: Iterable[str] = (),
+                 trace: str | PathLike | None = None):
         connect_concurrency = _count("connect_concurrency", connect_concurrency, 1)
         start_timeout = _seconds("start_timeout", start_timeout)
         self.inventory = inventory
-        self.events = Events(on_event)
+        # the run's trace file, if asked for: a second listener of the events
+        self.trace = None if trace is None else tracing.Recorder(trace, [h.name for h in inventory.hosts])
+        self.events = Events(on_event, self.trace)
         # safe_results (API or inventory): results decoded by the restricted unpickler.
         self.safe_results = safe_results
         self.states = [HostState(h, i, self.events, start_timeout=start_timeout, on_output=on_output,
@@ -162,9 +169,20 @@ class Cluster:
         return state.usable
 
     async def close(self) -> None:
-        """Stop every worker (end of input makes each exit) and close the connections."""
+        """Stop every worker (end of input makes each exit) and close the connections; then
+        write the trace file, if there is one (also when the closing fails or is cancelled)."""
         if self._closed:
             return
+        try:
+            await self._shut_down()
+        finally:
+            if self.trace is not None:
+                try:
+                    self.trace.write()
+                except OSError as exc:  # never hide the run's own outcome behind the trace's
+                    log.warning("cannot write the trace", path=str(self.trace.path), error=str(exc))
+
+    async def _shut_down(self) -> None:
         self._closed = True
         self.dispatcher.close()  # jobs still waiting for a worker fail
         for state in self.states:
@@ -791,44 +809,48 @@ class Inventory(BaseInventory):
     the verbs to run on them from synchronous code, each on a Cluster of its own.
 
     ``on_event`` (progress, see ``sshjobs.events``) and ``safe_results`` are sshjobs'
-    own keywords; ``gather`` passes every other keyword to ``fn``."""
+    own keywords (``trace`` too, see ``Cluster``); ``gather`` passes every other keyword to ``fn``."""
 
     def connect(self, *, connect_concurrency: int = 64, start_timeout: float = 60.0,
                 on_output: Callable | None = None, on_event: Callback | None = None,
                 offline: bool | None = None, safe_results: bool | Iterable[str] | None = None,
-                requirements: str | PathLike | Iterable[str] | None = None, preload: Iterable[str] = ()) -> Cluster:
+                requirements: str | PathLike | Iterable[str] | None = None, preload: Iterable[str] = (),
+                trace: str | PathLike | None = None) -> Cluster:
         """``async with inv.connect() as cluster:`` connections and workers that live across calls
         (the options: see ``Cluster``)."""
         return Cluster(self, connect_concurrency=connect_concurrency, start_timeout=start_timeout,
                        on_output=on_output, on_event=on_event, offline=offline, safe_results=safe_results,
-                       requirements=requirements, preload=preload)
+                       requirements=requirements, preload=preload, trace=trace)
 
     def gather(self, fn: Callable, /, *args: Any, timeout: float | None = None,
                requirements: str | PathLike | Iterable[str] | None = None,
                safe_results: bool | Iterable[str] | None = None, on_event: Callback | None = None,
-               progress: bool = False, **kwargs: Any) -> list[Result]:
-        """Run ``fn(*args, **kwargs)`` once on every host; a list of Result in inventory order."""
+               progress: bool = False, trace: str | PathLike | None = None, **kwargs: Any) -> list[Result]:
+        """Run ``fn(*args, **kwargs)`` once on every host; a list of Result in inventory order
+        (``trace``: write the run to this file, see ``Cluster``)."""
         return run_sync(self, lambda c: c.gather(fn, *args, timeout=timeout, requirements=requirements,
                                                  safe_results=safe_results, progress=progress, **kwargs),
-                        on_event=on_event)
+                        on_event=on_event, trace=trace)
 
     def map(self, fn: Callable, iterable: Iterable, /, *, chunksize: int | None = None,
             timeout: float | None = None, retries: int = 0,
             requirements: str | PathLike | Iterable[str] | None = None,
             safe_results: bool | Iterable[str] | None = None, on_event: Callback | None = None,
-            journal: str | PathLike | None = None, resume: bool = True, progress: bool = False) -> list[Result]:
+            journal: str | PathLike | None = None, resume: bool = True, progress: bool = False,
+            trace: str | PathLike | None = None) -> list[Result]:
         """Run ``fn(item)`` for every item over all slots; a list of Result in input order
-        (the keywords: see ``Cluster.map``)."""
+        (the keywords: see ``Cluster.map``; ``trace``: write the run to this file, see ``Cluster``)."""
         return run_sync(self, lambda c: c.map(fn, iterable, chunksize=chunksize, timeout=timeout, retries=retries,
                                               requirements=requirements, safe_results=safe_results, journal=journal,
                                               resume=resume, progress=progress),
-                        on_event=on_event)
+                        on_event=on_event, trace=trace)
 
     def imap(self, fn: Callable, iterable: Iterable, /, *, ordered: bool = True, chunksize: int | None = None,
              timeout: float | None = None, retries: int = 0,
              requirements: str | PathLike | Iterable[str] | None = None,
              safe_results: bool | Iterable[str] | None = None, on_event: Callback | None = None,
-             journal: str | PathLike | None = None, resume: bool = True, progress: bool = False) -> Iterator[Result]:
+             journal: str | PathLike | None = None, resume: bool = True, progress: bool = False,
+             trace: str | PathLike | None = None) -> Iterator[Result]:
         """``for r in inv.imap(fn, items)``: ``map``'s Results as they arrive (see ``Cluster.imap``),
         from a generator.  The hosts work on while the loop's body runs; leaving the loop
         (``break``, an exception, or ``close()``) kills the jobs still running and closes the
@@ -838,7 +860,7 @@ class Inventory(BaseInventory):
                                                         timeout=timeout, retries=retries, requirements=requirements,
                                                         safe_results=safe_results, journal=journal, resume=resume,
                                                         progress=progress),
-                           on_event=on_event)
+                           on_event=on_event, trace=trace)
 
     def install(self, requirements: str | PathLike | Iterable[str], /, *, offline: bool | None = None,
                 uv: str | None = None, on_event: Callback | None = None) -> list[Result]:

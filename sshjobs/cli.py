@@ -96,6 +96,12 @@ def _install_options(f):
     return f
 
 
+def _trace_option(f):
+    return click.option("--trace", metavar="FILE", type=click.Path(dir_okay=False),
+                        help="Write the run (connects, worker starts, installs, each job's host, slot and outcome)"
+                             " to FILE as a Chrome trace, for Perfetto or `sshjobs timeline FILE`.")(f)
+
+
 def _options(kw: dict) -> Options:
     from .log import configure
     import logging
@@ -311,9 +317,9 @@ class HostsSeen:
 
 
 def run_cluster(inv: Inventory, opts: Options, work: Callable[[Cluster], Awaitable[Any]], *, title: str,
-                offline: bool | None = None, seen: list[HostsSeen] | None = None) -> Any:
+                offline: bool | None = None, seen: list[HostsSeen] | None = None, trace: str | None = None) -> Any:
     """``work(cluster)`` under the live display (api.run_sync: the one way to run a Cluster);
-    ``seen`` receives what became of the hosts."""
+    ``seen`` receives what became of the hosts; ``trace``: the Cluster's trace file."""
     from .api import run_sync
     from .display import Progress
     console = opts.console() if not opts.quiet else None
@@ -327,18 +333,18 @@ def run_cluster(inv: Inventory, opts: Options, work: Callable[[Cluster], Awaitab
                                   [s.name for s in cluster.hosts if s.error is None and not s.up]))
         return value
 
-    return run_sync(inv, shown, on_event=progress.event, offline=offline)
+    return run_sync(inv, shown, on_event=progress.event, offline=offline, trace=trace)
 
 
 def run_jobs(inv: Inventory, opts: Options, work: Callable[[Cluster], Awaitable[list[Result]]], *,
              title: str, per_host: bool = False, what: str = "jobs", offline: bool | None = None,
-             describe: Callable[[Any], str] | None = None) -> int:
+             describe: Callable[[Any], str] | None = None, trace: str | None = None) -> int:
     """Connect, run ``work(cluster)`` under the live display, print the results and a summary
     naming the hosts that failed; the exit code (1 when a job or a host failed)."""
     from .display import summary
     t0 = time.perf_counter()
     seen: list[HostsSeen] = []
-    results = run_cluster(inv, opts, work, title=title, offline=offline, seen=seen)
+    results = run_cluster(inv, opts, work, title=title, offline=offline, seen=seen, trace=trace)
     hosts = seen[0] if seen else HostsSeen([], [])
     console = opts.console() if not opts.quiet else None
     elapsed = time.perf_counter() - t0
@@ -387,8 +393,9 @@ def cli():
 @_inventory_options
 @_timeout_option()
 @_install_options
+@_trace_option
 @_output_options
-def run(target, args, packages, requirement_files, offline, **kw):
+def run(target, args, packages, requirement_files, offline, trace, **kw):
     """Call TARGET(*ARGS) once on every host.
 
     TARGET is path/to/file.py:func or package.module:func. Each ARG is passed as JSON when it
@@ -405,7 +412,7 @@ def run(target, args, packages, requirement_files, offline, **kw):
         extra = {"requirements": reqs} if reqs else {}  # installed first; jobs run in that environment
         return await cluster.gather(fn, *values, timeout=opts.timeout, **extra)
 
-    return run_jobs(inv, opts, work, title=f"run {target}", offline=offline)
+    return run_jobs(inv, opts, work, title=f"run {target}", offline=offline, trace=trace)
 
 
 @cli.command("map")
@@ -423,8 +430,10 @@ def run(target, args, packages, requirement_files, offline, **kw):
 @_inventory_options
 @_timeout_option()
 @_install_options
+@_trace_option
 @_output_options
-def map_cmd(target, count, args_file, retries, journal, fresh, packages, requirement_files, offline, **kw):
+def map_cmd(target, count, args_file, retries, journal, fresh, packages, requirement_files, offline, trace,
+            **kw):
     """Call TARGET(item) for every item, spread over every slot of every host.
 
     TARGET is path/to/file.py:func or package.module:func; give the items with --range N
@@ -479,7 +488,7 @@ def map_cmd(target, count, args_file, retries, journal, fresh, packages, require
 
     t0 = time.perf_counter()
     seen: list[HostsSeen] = []
-    run_cluster(inv, opts, work, title=f"map {target}", offline=offline, seen=seen)
+    run_cluster(inv, opts, work, title=f"map {target}", offline=offline, seen=seen, trace=trace)
     stream.close()
     if failure:
         raise failure[0]
@@ -929,6 +938,25 @@ def env_prune(older_than, **kw):
                 [r.host, "-", "-", f"{r.error.type}: {r.error.message}" if r.error else "failed"] for r in results]
         print_table(["host", "removed", "kept", "error"], rows, opts.console(), ok=[r.ok for r in results])
     return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
+
+
+@cli.command()
+@click.argument("trace", metavar="TRACE", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", metavar="FILE", type=click.Path(dir_okay=False),
+              help="The HTML file to write. Default: TRACE with the suffix .html.")
+def timeline(trace, output):
+    """Draw a trace (run --trace, map --trace, Cluster(trace=...)) as one HTML file.
+
+    One row per host slot, each job a bar coloured by its outcome (ok, failed, timeout),
+    the connects, worker starts and installs beside; hover a bar for its job, host and
+    duration. The file is self-contained (no network): open it in any browser.
+    """
+    from .timeline import write_html
+
+    out = Path(output) if output else Path(trace).with_suffix(".html")
+    drawn = write_html(trace, out)
+    click.echo(f"timeline: {drawn.jobs} jobs on {drawn.rows} rows of {drawn.hosts} hosts -> {out}")
+    return EXIT_OK
 
 
 # -- the lab ------------------------------------------------------------------------------------

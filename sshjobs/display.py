@@ -96,6 +96,8 @@ class Progress:
             h.state = "connected"
             if info.get("python"):
                 h.note = f"python {info['python']}"
+        elif event == events.WORKER_STARTED:  # one more slot's worker: the host's state stays
+            pass
         else:  # connecting, installing, installed and whatever else a newer core sends
             h.state = event
             if event == events.INSTALLED:

@@ -9,6 +9,15 @@ once it is back; ``failed`` only when it cannot come back (a changed host key, r
 credentials, a worker that cannot start).  ``op`` of the transfer events is ``put``,
 ``get`` or ``sync``; ``files`` and ``bytes`` are what that host's copy has to move.
 
+``connected`` reports the host's first worker (slot 0); ``worker-started`` every later one
+(other slots, a worker started again after a kill, a reconnect or an install).  In ``done``,
+``outcome`` is "ok" (every job ok), "timeout" (one timed out) or "failed"; ``slot`` is the
+worker's slot; ``duration`` the seconds they ran on the host (added up; 0 for a job that
+timed out or whose worker was lost); ``elapsed`` the seconds from their start on their worker
+(or their send) to their results here, round trips and results sent late in a batch
+included; ``function`` the function's name.
+``Cluster(trace=...)`` records these events (``sshjobs.trace``).
+
 | event              | when                                   | info keys                                   |
 |--------------------|----------------------------------------|---------------------------------------------|
 | ``connecting``     | a connect starts                       | (none)                                      |
@@ -16,8 +25,10 @@ credentials, a worker that cannot start).  ``op`` of the transfer events is ``pu
 | ``failed``         | the host became unusable for good      | error (kind), message                       |
 | ``reconnecting``   | its connection dropped: a new attempt  | attempt (1, 2...), error (kind), message    |
 | ``reconnected``    | connected again, a worker up           | attempts, down_for (seconds)                |
-| ``running``        | jobs sent to a host                    | jobs, job (the first job's index)           |
-| ``done``           | their results are back                 | jobs, job, ok, failed; one job: duration, error |
+| ``worker-started`` | a worker started, after the first      | slot, start_time                            |
+| ``running``        | jobs sent to a host                    | jobs, job (the first job's index), slot     |
+| ``done``           | their results are back                 | jobs, job, ok, failed, outcome, slot,       |
+|                    |                                        | duration, elapsed, function; one job: error |
 | ``installing``     | an install starts on a host            | requirements, offline                       |
 | ``uploading-uv``   | the controller's uv goes to the host   | path                                        |
 | ``uploading-wheels`` | wheels go to an offline host         | count, skipped                              |
@@ -32,6 +43,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from .errors import Timeout
 from .log import get_logger
 
 if TYPE_CHECKING:
@@ -44,6 +56,7 @@ CONNECTED = "connected"
 FAILED = "failed"
 RECONNECTING = "reconnecting"
 RECONNECTED = "reconnected"
+WORKER_STARTED = "worker-started"
 RUNNING = "running"
 DONE = "done"
 INSTALLING = "installing"
@@ -62,19 +75,27 @@ class Events:
     """The sink every part reports progress to; calls ``on_event`` if one is set.
 
     Its methods build each event's ``info`` in one place, so what a display parses is
-    what is documented above."""
+    what is documented above.  ``recorder`` is a second listener of the same shape, apart
+    from the user's ``on_event`` (``Cluster(trace=...)``'s ``trace.Recorder``)."""
 
-    __slots__ = ("on_event",)
+    __slots__ = ("on_event", "recorder")
 
-    def __init__(self, on_event: Callback | None = None):
+    def __init__(self, on_event: Callback | None = None, recorder: Callback | None = None):
         self.on_event = on_event
+        self.recorder = recorder
+
+    @property
+    def wanted(self) -> bool:
+        """Someone listens: the per-job events are built only then (submit's hot path)."""
+        return self.on_event is not None or self.recorder is not None
 
     def emit(self, host: str, event: str, info: dict) -> None:
-        if self.on_event is not None:
-            try:
-                self.on_event(host, event, info)
-            except Exception as exc:
-                log.warning("on_event callback failed", error=f"{type(exc).__name__}: {exc}")
+        for listener in (self.on_event, self.recorder):
+            if listener is not None:
+                try:
+                    listener(host, event, info)
+                except Exception as exc:
+                    log.warning("on_event callback failed", error=f"{type(exc).__name__}: {exc}")
 
     def connecting(self, host: str) -> None:
         self.emit(host, CONNECTING, {})
@@ -91,18 +112,23 @@ class Events:
     def reconnected(self, host: str, attempts: int, down_for: float) -> None:
         self.emit(host, RECONNECTED, {"attempts": attempts, "down_for": down_for})
 
-    def running(self, host: str, first: int, count: int) -> None:
-        if self.on_event is not None:
-            self.emit(host, RUNNING, {"jobs": count, "job": first})
+    def worker_started(self, host: str, slot: int, start_time: float) -> None:
+        self.emit(host, WORKER_STARTED, {"slot": slot, "start_time": start_time})
 
-    def done(self, host: str, results: Sequence["Result"]) -> None:
-        if self.on_event is None or not results:
+    def running(self, host: str, first: int, count: int, slot: int | None = None) -> None:
+        if self.on_event is not None:  # a trace's recorder makes its bars from `done`
+            self.emit(host, RUNNING, {"jobs": count, "job": first, "slot": slot})
+
+    def done(self, host: str, results: Sequence["Result"], *, slot: int | None = None, elapsed: float | None = None,
+             function: str | None = None) -> None:
+        if (self.on_event is None and self.recorder is None) or not results:
             return
         ok = sum(1 for r in results if r.ok)
-        info = {"jobs": len(results), "job": results[0].job, "ok": ok, "failed": len(results) - ok}
+        info = {"jobs": len(results), "job": results[0].job, "ok": ok, "failed": len(results) - ok,
+                "outcome": outcome(results), "slot": slot, "elapsed": elapsed,
+                "duration": sum(r.duration for r in results), "function": function}
         if len(results) == 1:
             r = results[0]
-            info["duration"] = r.duration
             info["error"] = None if r.ok else str(r.error)
         self.emit(host, DONE, info)
 
@@ -131,3 +157,9 @@ class Events:
 
     def transfer_failed(self, host: str, op: str, kind: str, message: str) -> None:
         self.emit(host, TRANSFER_FAILED, {"op": op, "error": message, "type": kind})
+
+def outcome(results: Sequence["Result"]) -> str:
+    """What became of some jobs, in one word: "ok", "timeout" (one of them) or "failed"."""
+    if all(r.ok for r in results):
+        return "ok"
+    return "timeout" if any(isinstance(r.error, Timeout) for r in results) else "failed"

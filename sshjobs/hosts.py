@@ -387,6 +387,8 @@ class HostState:
             worker.slot = slot
             self.start_time = time.perf_counter() - t0
             self.workers[slot] = worker
+            if self.up:  # the host's first worker is in its `connected` event
+                self.events.worker_started(self.name, slot, self.start_time)
             if len(self.lanes) > 2 * len(self.workers):  # those of workers that ended idle
                 self.lanes = {w: lane for w, lane in self.lanes.items() if lane.calls or w.alive}
             if self.listener is not None:

@@ -306,7 +306,7 @@ class Call:
 
     __slots__ = ("state", "worker", "lane", "fn", "indices", "attempt", "loads", "timeout", "limit", "raw", "out",
                  "timer", "error", "one", "report_errors", "owner", "queueable", "expected", "resend", "alone",
-                 "abandoned")
+                 "abandoned", "began")
 
     def __init__(self, state: HostState, worker: Worker, kind: int, fn: Callable, fn_bytes: bytes, body,
                  indices: Sequence[int], *, timeout: float | None = None, loads=None, attempt: int = 1,
@@ -329,20 +329,35 @@ class Call:
         self.queueable = queueable  # others may wait behind it on its worker (a short job, no timeout)
         self.expected = expected
         self.resend = self.alone = self.abandoned = False
+        self.began = time.monotonic()  # sent; when it reached the head of its lane, once it is done
         loop = asyncio.get_running_loop()
         self.out: asyncio.Future = out if out is not None else loop.create_future()
         self.timer = None
         self.lane = lane = state.lane(worker)
         lane.push(self)
-        state.events.running(state.name, indices[0], len(indices))
+        state.events.running(state.name, indices[0], len(indices), worker.slot)
         self.raw.add_done_callback(self.done)
         self.out.add_done_callback(self.given_up)
         if timeout is not None:
             self.timer = loop.call_later(max(0.0, timeout), self.expired)
 
+    def report(self, results: list[Result]) -> None:
+        """Tell the Cluster's events these Results are back (``done``, with where and how long)."""
+        events = self.state.events
+        if events.wanted:
+            events.done(self.state.name, results, slot=self.worker.slot, elapsed=time.monotonic() - self.began,
+                        function=getattr(self.fn, "__qualname__", None) or type(self.fn).__name__)
+
+    def _started_at(self) -> None:
+        # The worker runs its lane's Calls in order: the head's began when the lane's
+        # previous head left it (Lane.since); one not at the head never started.
+        lane = self.lane
+        if lane.calls and lane.calls[0] is self:
+            self.began = max(self.began, lane.since)
+
     def _settle(self, results: list[Result], report: bool = True) -> None:
         if report:
-            self.state.events.done(self.state.name, results)
+            self.report(results)
         if self.owner is not None:
             self.owner.settled(self, results)
         elif not self.out.done():
@@ -353,6 +368,7 @@ class Call:
             self.timer.cancel()
         exc = None if f.cancelled() else f.exception()  # retrieved even when nobody waits
         lane = self.lane
+        self._started_at()
         started = lane.end(self) if exc is not None else True
         lane.pop(self)
         try:
@@ -397,6 +413,7 @@ class Call:
 
     def expired(self) -> None:
         if not self.raw.done() and not self.out.done():
+            self._started_at()
             self._settle([timeout_failure(self.state.name, self.limit, i, self.attempt) for i in self.indices])
             self.state.discard(self.worker, self)
 

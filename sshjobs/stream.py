@@ -459,7 +459,7 @@ class MapRun:
             else:
                 self.deliver(chunk.start, got)
                 self.last_error = got[-1]
-                state.events.done(state.name, got)
+                job.report(got)
         self.wake.set()
 
     def send(self, state: HostState, worker: Worker, chunk: Chunk, loads) -> Call | None:

@@ -17,9 +17,10 @@ FLOORS = [
     "sources",                                             # inventories users have (ssh_config, Ansible)
     "inventory", "connection", "worker", "hosts",          # the data path, in order
     "transfer",                                            # files to and from the hosts (SFTP)
-    "provisioning", "scheduler", "journal", "stream", "progress",  # a map: its journal, engine and bar
+    "provisioning", "scheduler", "trace",                  # the queue; the run's trace
+    "journal", "stream", "progress",                       # a map: its journal, engine and bar
     "api", "executor", "joblib",
-    "display", "lab", "dockerlab", "cli",                  # the faces, the lab beside
+    "display", "timeline", "lab", "dockerlab", "cli",      # the faces, the lab beside
     "__init__", "__main__",
 ]
 
