@@ -767,8 +767,12 @@ def stream_sync(inventory: BaseInventory, start: Callable[[Cluster], Awaitable[M
             finally:
                 await run.close()
         except Exception as exc:
+            with lock:
+                running["over"] = True  # told before it hears: a consumer that leaves must not cancel the close
             out.put(exc)
         finally:
+            with lock:
+                running["over"] = True
             await cluster.close()
             out.put(_END)
 
@@ -797,7 +801,7 @@ def stream_sync(inventory: BaseInventory, start: Callable[[Cluster], Awaitable[M
         finally:
             with lock:
                 running["stop"] = True
-                if "task" in running:
+                if "task" in running and not running.get("over"):
                     on_loop(running["task"].cancel)
             thread.join(CANCEL_WAIT)
 

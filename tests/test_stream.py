@@ -81,6 +81,7 @@ def test_an_exception_of_the_input_is_raised_after_the_results_before_it(inv):
         for r in inv.imap(lambda x: x, broken()):
             got.append(r.value)
     assert got == [0, 1, 2, 3, 4]
+    assert wait_no_processes([h.user for h in inv.hosts], timeout=10) == {}  # the Cluster closed all the same
 
 
 def test_breaking_out_of_imap_kills_the_running_jobs_and_leaves_no_process(inv):
