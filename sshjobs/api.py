@@ -505,7 +505,7 @@ class Cluster:
             return await self.ready(state)
 
         bar = Progress("map", _length(iterable)) if progress else None
-        record = recorded.record if recorded is not None else None
+        record = recorded.commit if recorded is not None else None
         if bar is not None:
             record = bar.recorder(record)
         cleanup = [downloads.cleanup] + ([recorded.close] if recorded else []) + ([bar.close] if bar else [])

@@ -4,11 +4,12 @@ same call run again takes the finished items from the file and runs only the res
 
 ``Journal(path)`` reads one: its Results in input order, ``counts``, ``failed()``.  The map's
 side is ``open_for(path, fn, resume)``: a ``Recorded`` (the items done, checked against the
-call's items) and a writer (one transaction per batch of Results, in WAL mode).
+call's items) and a writer (one transaction per batch of Results, in WAL mode, in a thread
+of its own; a run of consecutive ok Results of one host is one row).
 
 A journal belongs to one function over one sequence of items: it records the function's
-name and a hash of its code (not its closure's values or globals), and for each item a hash
-of its pickle; another function, or an item that differs from the one recorded at its
+name and a hash of its code (not its closure's values or globals), and for each item a
+checksum of its pickle; another function, or an item that differs from the one recorded at its
 index, is refused (``JournalError``).  Values are stored pickled: a journal is as trusted
 as the code that wrote it (with ``safe_results`` the values stored are those the
 restricted unpickler let through).
@@ -16,12 +17,16 @@ restricted unpickler let through).
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import hashlib
 import inspect
 import os
 import pickle
 import sqlite3
 import time
+import zlib
+from array import array
 from os import PathLike
 from typing import Any, Callable, Iterator
 
@@ -31,21 +36,22 @@ from .errors import JournalError
 from .result import Result
 from .version import __version__
 
-FORMAT = "1"
+FORMAT = "2"
 _FETCH = 4096  # rows read at a time when resuming
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS hosts (id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL);
 CREATE TABLE IF NOT EXISTS results (
-    idx INTEGER PRIMARY KEY,   -- the item's index in the input
+    idx INTEGER PRIMARY KEY,   -- the first item's index
+    n INTEGER NOT NULL,        -- the items of the row: a run of ok Results of one host, or one Result
     ok INTEGER NOT NULL,
-    item BLOB,                 -- 8 bytes of the item's pickle's hash
     host INTEGER,              -- hosts.id
-    value BLOB,                -- the value's pickle (ok) or the error's (not ok)
-    micros INTEGER,            -- the run's duration
+    items BLOB,                -- each item's CRC-32 of its pickle (n unsigned 32-bit ints)
+    value BLOB,                -- ok: the pickled list of the n values; not ok: the pickled error
+    durations BLOB,            -- n doubles, seconds
     attempts INTEGER,
-    output BLOB                -- pickled (stdout, stderr), NULL when both are empty
+    output BLOB                -- pickled (stdout, stderr) of a one-Result row, NULL when both are empty
 );
 """
 
@@ -74,12 +80,13 @@ def function_identity(fn: Callable) -> tuple[str, str]:
     return name, digest.hexdigest()
 
 
-def item_hash(item: Any) -> bytes:
+def item_hash(item: Any, dumps=pickle.dumps, crc32=zlib.crc32) -> int:
+    """A checksum of the item's pickle: enough to tell another item at the same index (it
+    guards against a mistake, not an adversary), and cheap on the map's hot path."""
     try:
-        data = pickle.dumps(item, protocol=5)
+        return crc32(dumps(item, 5))
     except Exception:
-        data = cloudpickle.dumps(item, protocol=5)
-    return hashlib.blake2b(data, digest_size=8).digest()
+        return crc32(cloudpickle.dumps(item, protocol=5))
 
 
 def _connect(path: str) -> sqlite3.Connection:
@@ -93,15 +100,26 @@ def _meta(db: sqlite3.Connection) -> dict[str, str]:
     return dict(db.execute("SELECT key, value FROM meta"))
 
 
-def _result(path: str, hosts: dict[int, str], idx: int, ok: int, host: int, value: bytes | None,
-            micros: int | None, attempts: int | None, output: bytes | None) -> Result:
-    stdout, stderr = pickle.loads(output) if output else ("", "")
+_COLUMNS = "idx, n, ok, host, items, value, durations, attempts, output"
+
+
+def _expand(path: str, hosts: dict[int, str], idx: int, n: int, ok: int, host: int, items: bytes | None,
+            value: bytes | None, durations: bytes | None, attempts: int | None, output: bytes | None) -> list[Result]:
+    """The Results of one row, in input order."""
     name = hosts.get(host, "-")
-    common = dict(stdout=stdout, stderr=stderr, duration=(micros or 0) / 1e6, attempts=attempts or 1, job=idx,
-                  meta={"journal": path})
-    if ok:
-        return Result(host=name, ok=True, value=pickle.loads(value) if value is not None else None, **common)
-    return Result(host=name, ok=False, error=pickle.loads(value) if value is not None else None, **common)
+    took = array("d", durations or b"").tolist() or [0.0] * n
+    meta = {"journal": path}
+    attempts = attempts or 1
+    stdout, stderr = pickle.loads(output) if output else ("", "")
+    if not ok:
+        return [Result(host=name, ok=False, error=pickle.loads(value) if value is not None else None, stdout=stdout,
+                       stderr=stderr, duration=took[0], attempts=attempts, job=idx, meta=meta)]
+    values = pickle.loads(value) if value is not None else [None] * n
+    if output:
+        return [Result(host=name, ok=True, value=values[0], stdout=stdout, stderr=stderr, duration=took[0],
+                       attempts=attempts, job=idx, meta=meta)]
+    return [Result(host=name, ok=True, value=v, duration=d, attempts=attempts, job=i, meta=meta)
+            for i, v, d in zip(range(idx, idx + n), values, took)]
 
 
 class Journal:
@@ -138,10 +156,10 @@ class Journal:
 
     def _rows(self, where: str = "") -> Iterator[Result]:
         hosts = self._hosts()
-        cur = self._db.execute(f"SELECT idx, ok, host, value, micros, attempts, output FROM results {where} ORDER BY idx")
+        cur = self._db.execute(f"SELECT {_COLUMNS} FROM results {where} ORDER BY idx")
         while rows := cur.fetchmany(_FETCH):
             for row in rows:
-                yield _result(self.path, hosts, *row)
+                yield from _expand(self.path, hosts, *row)
 
     def __iter__(self) -> Iterator[Result]:
         return self._rows()
@@ -150,11 +168,11 @@ class Journal:
         return self._rows("WHERE ok = 0")
 
     def __len__(self) -> int:
-        return self._db.execute("SELECT count(*) FROM results").fetchone()[0]
+        return self.counts["total"]
 
     @property
     def counts(self) -> dict[str, int]:
-        ok, total = self._db.execute("SELECT coalesce(sum(ok), 0), count(*) FROM results").fetchone()
+        ok, total = self._db.execute("SELECT coalesce(sum(ok * n), 0), coalesce(sum(n), 0) FROM results").fetchone()
         return {"ok": ok, "failed": total - ok, "total": total}
 
     def __repr__(self) -> str:
@@ -170,16 +188,21 @@ class Recorded:
     def __init__(self, path: str, db: sqlite3.Connection, resume: bool):
         self.path = path
         self.db = db
+        # Commits run in a thread of their own: SQLite lets go of the GIL while it writes, so
+        # the event loop goes on taking Results meanwhile.
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sshjobs-journal")
+        self._reader = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False) if resume else None
         self.hosts = dict(db.execute("SELECT name, id FROM hosts"))
         self.names = {v: k for k, v in self.hosts.items()}
         self.hashes: dict[int, bytes] = {}  # items sent, until their Result is recorded
         self._rows: list = []
         self._pos = 0
-        self._cursor = db.execute("SELECT idx, item, host, value, micros, attempts, output FROM results"
-                                  " WHERE ok = 1 ORDER BY idx") if resume else None
+        self._cursor = self._reader.execute(f"SELECT {_COLUMNS} FROM results WHERE ok = 1 ORDER BY idx"
+                                            ) if self._reader else None
+        self._row_results: list[Result] | None = None  # the current done row's, once one is asked for
         self.resumed = 0
 
-    def _next_done(self):
+    def _next_done(self) -> tuple | None:
         if self._pos >= len(self._rows):
             if self._cursor is None:
                 return None
@@ -189,22 +212,38 @@ class Recorded:
                 return None
         return self._rows[self._pos]
 
+    def take(self, start: int, block: list) -> list[tuple[int, Result]]:
+        """Items ``start``, ``start + 1``...: the Results of those the journal has done (their
+        items checked); the others are noted, for ``record``."""
+        if self._next_done() is None:  # nothing done from here on (a new journal): all to run
+            self.hashes.update(zip(range(start, start + len(block)), map(item_hash, block)))
+            return []
+        done = []
+        for i, item in enumerate(block, start):
+            r = self.result(i, item)
+            if r is not None:
+                done.append((i, r))
+        return done
+
     def result(self, index: int, item: Any) -> Result | None:
         h = item_hash(item)
         row = self._next_done()
-        while row is not None and row[0] < index:  # a done index the input no longer reaches (cannot be: in order)
+        while row is not None and row[0] + row[1] <= index:  # rows behind the items asked for
             self._pos += 1
+            self._row_results = None
             row = self._next_done()
-        if row is None or row[0] != index:
+        if row is None or row[0] > index:
             self.hashes[index] = h
             return None
-        self._pos += 1
-        if row[1] != h:
+        offset = index - row[0]
+        if array("I", row[4])[offset] != h:
             raise JournalError(f"{self.path}: item {index} is not the item this journal ran at that index:"
                                " it was written for other items; pass resume=False (CLI --fresh) to start it over,"
                                " or give another journal file")
+        if self._row_results is None:
+            self._row_results = _expand(self.path, self.names, *row)
         self.resumed += 1
-        return _result(self.path, self.names, index, 1, *row[2:])
+        return self._row_results[offset]
 
     def _host_id(self, name: str) -> int:
         found = self.hosts.get(name)
@@ -214,36 +253,69 @@ class Recorded:
             self.names[found] = name
         return found
 
+    async def commit(self, batch: list[Result]) -> None:
+        """``record(batch)`` in the writer thread, awaited."""
+        await asyncio.get_running_loop().run_in_executor(self._writer, self.record, batch)
+
     def record(self, batch: list[Result]) -> None:
-        rows = []
-        hashes = self.hashes
-        host_id = self._host_id
+        """Commit a batch: each run of consecutive ok Results of one host without output is
+        one row; any other Result a row of its own."""
+        runs: list[tuple] = []  # (first Result, values, hashes, durations)
+        singles = []
+        pop = self.hashes.pop
+        hosts = self.hosts
         dumps = pickle.dumps
+        last = None
         for r in batch:
-            h = hashes.pop(r.job, None)
+            h = pop(r.job, None)
             if h is None:  # handed out from the journal itself
+                last = None
                 continue
-            if r.ok:
-                try:
-                    value = dumps(r.value, protocol=5)
-                except Exception:
-                    value = cloudpickle.dumps(r.value, protocol=5)
-            else:
-                value = dumps(r.error, protocol=5)
-            output = dumps((r.stdout, r.stderr), protocol=5) if r.stdout or r.stderr else None
-            rows.append((r.job, 1 if r.ok else 0, h, host_id(r.host), value, int(r.duration * 1e6),
-                         r.attempts, output))
+            if r.ok and not (r.stdout or r.stderr):
+                if last is not None and r.job == last[0].job + len(last[1]) and r.host == last[0].host \
+                        and r.attempts == last[0].attempts:
+                    last[1].append(r.value)
+                    last[2].append(h)
+                    last[3].append(r.duration)
+                    continue
+                last = (r, [r.value], array("I", [h]), array("d", [r.duration]))
+                runs.append(last)
+                continue
+            last = None
+            singles.append((r, h))
+        rows = []
+        for first, values, hashes, took in runs:
+            try:
+                value = dumps(values, 5)
+            except Exception:
+                value = cloudpickle.dumps(values, protocol=5)
+            rows.append((first.job, len(values), 1, hosts.get(first.host) or self._host_id(first.host),
+                         hashes.tobytes(), value, took.tobytes(), first.attempts, None))
+        for r, h in singles:
+            try:
+                value = dumps(r.value if r.ok else r.error, 5)
+            except Exception:
+                value = cloudpickle.dumps(r.value if r.ok else r.error, protocol=5)
+            rows.append((r.job, 1, int(r.ok), hosts.get(r.host) or self._host_id(r.host), array("I", [h]).tobytes(),
+                         dumps([r.value], 5) if r.ok else value, array("d", [r.duration]).tobytes(), r.attempts,
+                         dumps((r.stdout, r.stderr), 5) if r.stdout or r.stderr else None))
         if not rows:
             return
         self.db.execute("BEGIN")
         try:
-            self.db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            # rows of earlier runs inside these (the failed items a rerun ran again) give way
+            self.db.executemany("DELETE FROM results WHERE idx >= ? AND idx < ?",
+                                [(row[0], row[0] + row[1]) for row in rows])
+            self.db.executemany(f"INSERT INTO results ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
 
     def close(self) -> None:
+        self._writer.shutdown(wait=True)
+        if self._reader is not None:
+            self._reader.close()
         self.db.close()
 
 

@@ -3,7 +3,7 @@ stderr, in a terminal or a notebook alike."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Awaitable, Callable, Iterable
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -48,10 +48,11 @@ class Progress:
         self.failed += bad
         self._bar.update(self._task, advance=n, failed=self.failed)
 
-    def recorder(self, record: Callable[[list[Result]], None] | None) -> Callable[[list[Result]], None]:
-        def counted(batch: list[Result]) -> None:
+    def recorder(self, record: Callable[[list[Result]], Awaitable[None]] | None
+                 ) -> Callable[[list[Result]], Awaitable[None]]:
+        async def counted(batch: list[Result]) -> None:
             if record is not None:
-                record(batch)
+                await record(batch)
             self.update(batch)
 
         return counted

@@ -49,15 +49,15 @@ class MapRun:
     host's results' unpickler; ``waiting(state)``: whether jobs of other calls wait for a
     worker of that host (the pumps then leave a worker room for them as its chunks end).
     ``recorded`` (a journal's ``Recorded``) gives the Results of items already done, which
-    are handed out without running; ``record`` (the journal's writer) stores each batch
-    before it is handed out.  ``fail_with``: every item fails so (a function that does not
+    are handed out without running; ``record`` (the journal's writer, awaited) stores each
+    batch before it is handed out.  ``fail_with``: every item fails so (a function that does not
     pickle).  The consumer calls ``consumed(n)`` once it has taken a batch of ``n``."""
 
     def __init__(self, hosts: list[HostState], ready: Callable[[HostState], Awaitable[bool]], fn: Callable,
                  fn_bytes: bytes, items: Iterable, *, chunksize: int | None, timeout: float | None, retries: int,
                  loads: Callable[[HostState], Callable | None],
                  waiting: Callable[[HostState], bool] = lambda state: False, ordered: bool = True,
-                 recorded: Any = None, record: Callable[[list[Result]], None] | None = None,
+                 recorded: Any = None, record: Callable[[list[Result]], Awaitable[None]] | None = None,
                  fail_with: Result | None = None, cleanup: Iterable[Callable[[], Any]] = ()):
         self.hosts = hosts
         self.ready = ready
@@ -150,7 +150,7 @@ class MapRun:
             await self.has_output.wait()
         batch, self.out = self.out, []
         if self.record is not None:
-            self.record(batch)  # on disk before it is handed out
+            await self.record(batch)  # on disk before it is handed out
         return batch
 
     def consumed(self, n: int) -> None:
@@ -241,20 +241,15 @@ class MapRun:
 
     def _take_recorded(self, start: int, block: list) -> None:
         """Items a journal has Results for are handed out as they are; the others queued."""
-        todo_start, todo = start, []
-        for i, item in enumerate(block, start):
-            done = self.recorded.result(i, item)
-            if done is None:
-                if not todo:
-                    todo_start = i
-                todo.append(item)
-                continue
-            if todo:
-                self.queue.append(Chunk(todo_start, todo, 1, False))
-                todo = []
-            self.deliver(i, [done])
-        if todo:
-            self.queue.append(Chunk(todo_start, todo, 1, False))
+        done = self.recorded.take(start, block)
+        at = start
+        for i, result in done:
+            if i > at:
+                self.queue.append(Chunk(at, block[at - start:i - start], 1, False))
+            self.deliver(i, [result])
+            at = i + 1
+        if at < start + len(block):
+            self.queue.append(Chunk(at, block[at - start:], 1, False))
 
     def deliver(self, start: int, results: list[Result]) -> None:
         if not self.ordered or start == self.next_out:
