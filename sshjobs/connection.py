@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import shlex
@@ -12,7 +13,7 @@ from dataclasses import dataclass, replace
 import asyncssh
 
 from .errors import (AuthenticationError, ConfigError, ConnectError, ConnectFailed, ConnectionRefused, ConnectTimeout,
-                     HostKeyError, HostNameError)
+                     HostKeyError, HostLost, HostNameError)
 from .inventory import Host, local_user
 from .log import get_logger
 
@@ -321,6 +322,20 @@ class HostLink:
             return await conn.run(command, input=input, encoding=None, check=False, timeout=timeout)
         finally:
             release()
+
+    async def run_json(self, command: str, data: bytes):
+        """Run a bundle (``command``, its request on stdin) whose last line of output is a
+        JSON reply: ``(reply, process)``, reply None when there is none; a dropped connection
+        raises HostLost."""
+        try:
+            proc = await self.run(command, input=data)
+        except (asyncssh.Error, OSError) as exc:
+            raise HostLost(f"{self.host.target}: connection lost: {exc}") from None
+        out = proc.stdout.decode("utf-8", "replace").strip()
+        try:
+            return json.loads(out.splitlines()[-1]), proc
+        except (ValueError, IndexError):
+            return None, proc
 
     async def exec(self, command: str, timeout: float | None = None) -> "Completed":
         """A shell command with the host's ``env``; on ``timeout`` its process group is

@@ -33,6 +33,7 @@ from .remote import PROVISION, protocol, provision
 from .connection import shell_word
 from .errors import (ConfigError, HostError, HostLost, InstallError, OfflineError, PythonMismatch, RequirementsError, UploadError,
                      WorkerStartError, make_error)
+from .transfer import sftp_replace
 from .hosts import HostState
 from .log import get_logger
 from .worker import stub_command
@@ -142,19 +143,14 @@ async def remote_call(state: HostState, request: dict, python: str | None = None
     env = dict(state.host.env) | dict(state.env)  # what the workers get too
     cmd, late = stub_command(python, env)
     data = PROVISION.start(request.get("workdir")) + json.dumps(dict(request, env=late)).encode()
-    try:
-        proc = await state.link.run(cmd, input=data)
-    except (asyncssh.Error, OSError) as exc:
-        raise HostLost(f"{state.host.target}: connection lost: {exc}") from None
-    out = proc.stdout.decode("utf-8", "replace").strip()
-    try:
-        reply = json.loads(out.splitlines()[-1])
-    except (ValueError, IndexError):
+    reply, proc = await state.link.run_json(cmd, data)
+    if reply is None:
+        out = proc.stdout.decode("utf-8", "replace").strip()
         err = (proc.stderr or b"").decode("utf-8", "replace").strip()
         if proc.exit_status == 127 or "not found" in err[-300:]:
             raise WorkerStartError(f"{state.host.target}: cannot run {python}: {err[-300:]}") from None
         raise InstallError(f"{state.host.target}: {python} exited with status"
-                                 f" {proc.exit_status}: {(err or out)[-1000:]}") from None
+                           f" {proc.exit_status}: {(err or out)[-1000:]}") from None
     if not reply.get("ok"):
         error = make_error(reply.get("kind") or InstallError.kind, f"{state.host.target}: {reply.get('error')}")
         raise error if isinstance(error, HostError) else InstallError(error.message)
@@ -235,12 +231,7 @@ async def sftp_upload(state: HostState, files: Sequence[tuple[Path, str]], mode:
                 # folder is already 0700, and the file gets its own mode before the rename
                 await sftp.put(str(local), tmp)
                 await sftp.chmod(tmp, mode)
-                try:
-                    await sftp.posix_rename(tmp, dest)
-                except asyncssh.SFTPOpUnsupported:  # not OpenSSH: a plain rename fails on an existing file
-                    if await sftp.exists(dest):
-                        await sftp.remove(dest)
-                    await sftp.rename(tmp, dest)
+                await sftp_replace(sftp, tmp, dest)
                 sent += local.stat().st_size
     except (asyncssh.Error, OSError) as exc:
         raise UploadError(f"{state.host.target}: upload failed: {exc}") from None

@@ -45,6 +45,16 @@ PART = ".sshjobs-part"  # the ending of a file still being copied
 Ready = Callable[[HostState], Awaitable[bool]]
 
 
+async def sftp_replace(sftp, tmp: str, dest: str) -> None:
+    """Rename ``tmp`` over ``dest`` at once (OpenSSH's posix-rename), else remove and rename."""
+    try:
+        await sftp.posix_rename(tmp, dest)
+    except asyncssh.SFTPOpUnsupported:  # not OpenSSH: a plain rename fails on an existing file
+        if await sftp.exists(dest):
+            await sftp.remove(dest)
+        await sftp.rename(tmp, dest)
+
+
 # -- the controller's side ------------------------------------------------------------------
 @dataclass(frozen=True)
 class LocalFile:
@@ -272,12 +282,7 @@ class _Copy:
         sftp = self.sftp
         try:
             await sftp.put(f.path, tmp, preserve=True, progress_handler=self._progress(dest))
-            try:
-                await sftp.posix_rename(tmp, dest)
-            except asyncssh.SFTPOpUnsupported:  # not OpenSSH: a plain rename fails on an existing file
-                if await sftp.exists(dest):
-                    await sftp.remove(dest)
-                await sftp.rename(tmp, dest)
+            await sftp_replace(sftp, tmp, dest)
         except (asyncssh.Error, OSError) as exc:
             if isinstance(exc, OSError) and not _lost(exc) and not isinstance(exc, asyncssh.Error):
                 error: HostError = TransferError(f"{self.state.host.target}: reading {f.path} on the controller:"
@@ -560,14 +565,9 @@ async def tree_call(state: HostState, request: bytes) -> dict:
         raise state.failure(state.index).error
     python = state.base_python
     cmd, _ = stub_command(python, dict(state.host.env) | dict(state.env))  # none of env is needed past the start
-    try:
-        proc = await link.run(cmd, input=TREE.start(state.host.workdir) + request)
-    except (asyncssh.Error, OSError) as exc:
-        raise HostLost(f"{state.host.target}: connection lost: {exc}") from None
-    out = proc.stdout.decode("utf-8", "replace").strip()
-    try:
-        reply = json.loads(out.splitlines()[-1])
-    except (ValueError, IndexError):
+    reply, proc = await link.run_json(cmd, TREE.start(state.host.workdir) + request)
+    if reply is None:
+        out = proc.stdout.decode("utf-8", "replace").strip()
         err = (proc.stderr or b"").decode("utf-8", "replace").strip()
         raise TransferError(f"{state.host.target}: {python} exited with status {proc.exit_status}:"
                             f" {(err or out)[-1000:]}") from None

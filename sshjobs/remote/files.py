@@ -10,6 +10,16 @@ import sys
 ENV_MARKER = "sshjobs-env.json"  # in an environment's folder: present only once it is complete
 
 
+def read_stdin():
+    """All of stdin, to its end: a bundle's one request."""
+    chunks = []
+    while True:
+        chunk = os.read(0, 1 << 16)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
 def touch_env():
     """Mark this interpreter's environment used now (prune keeps environments in use), when
     it runs in one of sshjobs' (a worker started by an environment's alias)."""

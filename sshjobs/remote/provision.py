@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from .files import ENV_MARKER, remove, rmtree, save_code
+from .files import ENV_MARKER, read_stdin, remove, rmtree, save_code
 from .protocol import error_info, index_env
 
 ENV_REQUIREMENTS = "sshjobs-requirements.txt"
@@ -418,14 +418,8 @@ def provision_request(req):
 
 def main():
     """Entry point of the provisioning bundle: one request on stdin, one reply on stdout."""
-    chunks = []
-    while True:
-        chunk = os.read(0, 1 << 16)
-        if not chunk:
-            break
-        chunks.append(chunk)
     try:
-        request = json.loads(b"".join(chunks).decode("utf-8"))
+        request = json.loads(read_stdin().decode("utf-8"))
         os.environ.update(request.pop("env", None) or {})  # the inventory's env (off the command line)
         reply = provision_request(request)
     except ProvisionFailure as exc:

@@ -20,7 +20,7 @@ import shutil
 import stat
 import sys
 
-from .files import save_code
+from .files import read_stdin, save_code
 
 CHUNK = 1 << 20
 
@@ -128,14 +128,8 @@ def describe(exc):
 
 def main():
     """Entry point of the tree bundle: one request on stdin, one reply on stdout."""
-    chunks = []
-    while True:
-        chunk = os.read(0, 1 << 16)
-        if not chunk:
-            break
-        chunks.append(chunk)
     try:
-        reply = plan(json.loads(b"".join(chunks).decode("utf-8", "surrogateescape")))
+        reply = plan(json.loads(read_stdin().decode("utf-8", "surrogateescape")))
     except BaseException as exc:
         reply = {"ok": False, "error": describe(exc)}
     sys.stdout.write(json.dumps(reply) + "\n")
