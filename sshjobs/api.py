@@ -26,7 +26,7 @@ from .inventory import BaseInventory
 from .log import get_logger
 from .result import Result, failed
 from .journal import open_for
-from .progress import Progress, _length
+from .progress import Progress
 from .scheduler import Dispatcher, not_started, pickle_function, pickling_failure
 from .scheduler import ping as ping_host
 from .stream import MapRun
@@ -422,12 +422,7 @@ class Cluster:
                                     requirements=requirements, safe_results=safe_results, journal=journal,
                                     resume=resume, progress=progress)
         results: list[Result] = []
-        try:
-            while (batch := await run.next_batch()) is not None:
-                results.extend(batch)
-                run.consumed(len(batch))
-        finally:
-            await run.close()
+        await run.collect(results.extend)
         return results
 
     def imap(self, fn: Callable, iterable: Iterable, /, *, ordered: bool = True, chunksize: int | None = None,
@@ -504,14 +499,14 @@ class Cluster:
                 return False
             return await self.ready(state)
 
-        bar = Progress("map", _length(iterable)) if progress else None
-        record = recorded.commit if recorded is not None else None
-        if bar is not None:
-            record = bar.recorder(record)
-        cleanup = [downloads.cleanup] + ([recorded.close] if recorded else []) + ([bar.close] if bar else [])
         run = MapRun(self.states, ready, fn, fn_bytes, iterable, chunksize=chunksize, timeout=timeout, retries=retries,
                      loads=lambda state: self._loads(state, safe_results), waiting=self.dispatcher.waiting_for,
-                     ordered=ordered, recorded=recorded, record=record, fail_with=fail_with, cleanup=cleanup)
+                     ordered=ordered, recorded=recorded, record=recorded.commit if recorded else None,
+                     fail_with=fail_with, cleanup=[downloads.cleanup] + ([recorded.close] if recorded else []))
+        if progress:
+            bar = Progress("map", run.total)
+            run.record = bar.recorder(run.record)
+            run.cleanup.append(bar.close)
         run.start()
         return run
 
@@ -758,6 +753,7 @@ def stream_sync(inventory: BaseInventory, start: Callable[[Cluster], Awaitable[M
             running["loop"], running["task"] = asyncio.get_running_loop(), asyncio.current_task()
         use_lean_executor(inventory)
         cluster = Cluster(inventory, **cluster_options)
+        failure: Exception | None = None
         try:
             run = await start(cluster)
             running["run"] = run
@@ -767,12 +763,12 @@ def stream_sync(inventory: BaseInventory, start: Callable[[Cluster], Awaitable[M
             finally:
                 await run.close()
         except Exception as exc:
-            with lock:
-                running["over"] = True  # told before it hears: a consumer that leaves must not cancel the close
-            out.put(exc)
+            failure = exc
         finally:
             with lock:
-                running["over"] = True
+                running["over"] = True  # before the consumer hears: one that leaves then must not cancel the close
+            if failure is not None:
+                out.put(failure)
             await cluster.close()
             out.put(_END)
 

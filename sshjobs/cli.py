@@ -346,17 +346,21 @@ def run_jobs(inv: Inventory, opts: Options, work: Callable[[Cluster], Awaitable[
     seen: list[HostsSeen] = []
     results = run_cluster(inv, opts, work, title=title, offline=offline, seen=seen, trace=trace)
     hosts = seen[0] if seen else HostsSeen([], [])
-    console = opts.console() if not opts.quiet else None
     elapsed = time.perf_counter() - t0
     emit_results(results, opts, per_host=per_host, title=title, describe=describe)
     ok = bool(results) and all(r.ok for r in results) and not hosts.failed
     if not opts.as_json and not opts.quiet:
-        text = summary(results, elapsed, what, failed_hosts=hosts.failed, pending=hosts.pending)
-        if console is not None:
-            console.print(text, style="green" if ok else "red", highlight=False, markup=False)
-        else:
-            print(text)
+        print_summary(opts, summary(results, elapsed, what, failed_hosts=hosts.failed, pending=hosts.pending), ok)
     return EXIT_OK if ok else EXIT_FAILED
+
+
+def print_summary(opts: Options, text: str, ok: bool) -> None:
+    """The summary lines: green or red on a terminal, plain otherwise."""
+    console = opts.console()
+    if console is not None:
+        console.print(text, style="green" if ok else "red", highlight=False, markup=False)
+    else:
+        print(text)
 
 
 def emit_results(results: list[Result], opts: Options, *, per_host: bool = False, title: str = "",
@@ -478,13 +482,9 @@ def map_cmd(target, count, args_file, retries, journal, fresh, packages, require
                                        requirements=reqs or None, journal=journal, resume=not fresh, safe_results=None,
                                        progress=False)
         try:
-            while (batch := await run.next_batch()) is not None:
-                stream.add(batch)
-                run.consumed(len(batch))
+            await run.collect(stream.add)
         except ConfigError as exc:  # the input's bad line, or an item the journal ran differs
             failure.append(exc)
-        finally:
-            await run.close()
 
     t0 = time.perf_counter()
     seen: list[HostsSeen] = []
@@ -495,13 +495,8 @@ def map_cmd(target, count, args_file, retries, journal, fresh, packages, require
     hosts = seen[0] if seen else HostsSeen([], [])
     ok = stream.total > 0 and stream.failed == 0 and not hosts.failed
     if not opts.as_json and not opts.quiet:
-        text = count_summary(stream.ok, stream.total, len(stream.hosts), time.perf_counter() - t0, "jobs",
-                             failed_hosts=hosts.failed, pending=hosts.pending)
-        console = opts.console()
-        if console is not None:
-            console.print(text, style="green" if ok else "red", highlight=False, markup=False)
-        else:
-            print(text)
+        print_summary(opts, count_summary(stream.ok, stream.total, len(stream.hosts), time.perf_counter() - t0, "jobs",
+                                          failed_hosts=hosts.failed, pending=hosts.pending), ok)
     return EXIT_OK if ok else EXIT_FAILED
 
 

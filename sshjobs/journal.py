@@ -89,6 +89,13 @@ def item_hash(item: Any, dumps=pickle.dumps, crc32=zlib.crc32) -> int:
         return crc32(cloudpickle.dumps(item, protocol=5))
 
 
+def _pickle(obj: Any) -> bytes:
+    try:
+        return pickle.dumps(obj, 5)
+    except Exception:  # what pickle cannot (a lambda in a value) cloudpickle can
+        return cloudpickle.dumps(obj, protocol=5)
+
+
 def _connect(path: str) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
@@ -194,13 +201,12 @@ class Recorded:
         self._reader = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False) if resume else None
         self.hosts = dict(db.execute("SELECT name, id FROM hosts"))
         self.names = {v: k for k, v in self.hosts.items()}
-        self.hashes: dict[int, bytes] = {}  # items sent, until their Result is recorded
+        self.hashes: dict[int, int] = {}  # the items' checksums, from their sending to their Result's record
         self._rows: list = []
         self._pos = 0
         self._cursor = self._reader.execute(f"SELECT {_COLUMNS} FROM results WHERE ok = 1 ORDER BY idx"
                                             ) if self._reader else None
         self._row_results: list[Result] | None = None  # the current done row's, once one is asked for
-        self.resumed = 0
 
     def _next_done(self) -> tuple | None:
         if self._pos >= len(self._rows):
@@ -242,7 +248,6 @@ class Recorded:
                                " or give another journal file")
         if self._row_results is None:
             self._row_results = _expand(self.path, self.names, *row)
-        self.resumed += 1
         return self._row_results[offset]
 
     def _host_id(self, name: str) -> int:
@@ -263,8 +268,6 @@ class Recorded:
         runs: list[tuple] = []  # (first Result, values, hashes, durations)
         singles = []
         pop = self.hashes.pop
-        hosts = self.hosts
-        dumps = pickle.dumps
         last = None
         for r in batch:
             h = pop(r.job, None)
@@ -283,22 +286,11 @@ class Recorded:
                 continue
             last = None
             singles.append((r, h))
-        rows = []
-        for first, values, hashes, took in runs:
-            try:
-                value = dumps(values, 5)
-            except Exception:
-                value = cloudpickle.dumps(values, protocol=5)
-            rows.append((first.job, len(values), 1, hosts.get(first.host) or self._host_id(first.host),
-                         hashes.tobytes(), value, took.tobytes(), first.attempts, None))
-        for r, h in singles:
-            try:
-                value = dumps(r.value if r.ok else r.error, 5)
-            except Exception:
-                value = cloudpickle.dumps(r.value if r.ok else r.error, protocol=5)
-            rows.append((r.job, 1, int(r.ok), hosts.get(r.host) or self._host_id(r.host), array("I", [h]).tobytes(),
-                         dumps([r.value], 5) if r.ok else value, array("d", [r.duration]).tobytes(), r.attempts,
-                         dumps((r.stdout, r.stderr), 5) if r.stdout or r.stderr else None))
+        rows = [(first.job, len(values), 1, self._host_id(first.host), hashes.tobytes(), _pickle(values),
+                 took.tobytes(), first.attempts, None) for first, values, hashes, took in runs]
+        rows += [(r.job, 1, int(r.ok), self._host_id(r.host), array("I", [h]).tobytes(),
+                  _pickle([r.value] if r.ok else r.error), array("d", [r.duration]).tobytes(), r.attempts,
+                  _pickle((r.stdout, r.stderr)) if r.stdout or r.stderr else None) for r, h in singles]
         if not rows:
             return
         self.db.execute("BEGIN")

@@ -3,7 +3,7 @@ stderr, in a terminal or a notebook alike."""
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable, Iterable
+from typing import Awaitable, Callable, Iterable
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -11,13 +11,6 @@ from rich.progress import Progress as RichProgress
 from rich.text import Text
 
 from .result import Result
-
-
-def _length(items: Any) -> int | None:
-    try:
-        return len(items)
-    except TypeError:
-        return None
 
 
 class _Rate(ProgressColumn):

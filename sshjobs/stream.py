@@ -67,7 +67,6 @@ class MapRun:
         self.fn_bytes = fn_bytes
         self.timeout = timeout
         self.retries = retries
-        self.chunksize = chunksize
         self.ordered = ordered
         self.recorded = recorded
         self.record = record
@@ -93,7 +92,6 @@ class MapRun:
         self.pending: dict[int, list[Result]] = {}  # ordered: runs of Results ahead of ``next_out``
         self.next_out = 0
         self.has_output = asyncio.Event()
-        self.last_host = "-"
         self.last_error: Result | None = fail_with
         self.wake = asyncio.Event()
         self.finished = asyncio.Event()
@@ -152,6 +150,15 @@ class MapRun:
         if self.record is not None:
             await self.record(batch)  # on disk before it is handed out
         return batch
+
+    async def collect(self, take: Callable[[list[Result]], Any]) -> None:
+        """Hand every batch to ``take`` as it comes (taken at once), then close."""
+        try:
+            while (batch := await self.next_batch()) is not None:
+                take(batch)
+                self.consumed(len(batch))
+        finally:
+            await self.close()
 
     def consumed(self, n: int) -> None:
         """The consumer took ``n`` Results: read on, and let the pumps go on."""
@@ -301,7 +308,7 @@ class MapRun:
         if self.last_error is not None and self.last_error.error is not None:
             e = self.last_error.error
             return failure(self.last_error.host, e.type, e.message, job=index, attempts=self.last_error.attempts)
-        return failure(self.last_host, "NoHosts", "no host could run this job", job=index)
+        return failure("-", "NoHosts", "no host could run this job", job=index)
 
     async def host_pump(self, state: HostState) -> None:
         # Wait for the host (its start, its environment), unless the others finish every item first.

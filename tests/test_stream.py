@@ -41,16 +41,22 @@ def test_imap_reads_its_input_lazily_and_stops_at_a_break(inv):
     assert read[0] < 1_000_000  # a bounded look-ahead, not the whole input
 
 
-def test_unordered_imap_yields_results_as_they_complete(inv):
-    def slow_first(x):
+def slow_first(seconds: float):
+    """A job that returns its item, after ``seconds`` for item 0."""
+
+    def job(x):
         import time
 
         if x == 0:
-            time.sleep(2)
+            time.sleep(seconds)
         return x
 
+    return job
+
+
+def test_unordered_imap_yields_results_as_they_complete(inv):
     started = time.monotonic()
-    it = inv.imap(slow_first, iter(range(40)), ordered=False)
+    it = inv.imap(slow_first(2), iter(range(40)), ordered=False)
     first = next(it)
     assert first.value != 0 and time.monotonic() - started < 2
     rest = [r.value for r in it]
@@ -58,15 +64,8 @@ def test_unordered_imap_yields_results_as_they_complete(inv):
 
 
 def test_ordered_imap_gives_the_first_result_only_once_it_is_done(inv):
-    def slow_first(x):
-        import time
-
-        if x == 0:
-            time.sleep(1)
-        return x
-
     started = time.monotonic()
-    it = inv.imap(slow_first, range(20))
+    it = inv.imap(slow_first(1), range(20))
     assert next(it).value == 0 and time.monotonic() - started >= 1
     assert [r.value for r in it] == list(range(1, 20))
 
