@@ -14,7 +14,7 @@ sshimport.install()  # before anything imports asyncssh (see sshimport)
 
 __all__ = ["Cluster", "Executor", "Host", "Inventory", "Journal", "Result", *_errors]  # noqa: F405  (the first six: __getattr__)
 
-_LAZY = {"Cluster": "api", "Executor": "executor", "Inventory": "api", "Host": "inventory", "Journal": "journal",
+_LAZY = {"Cluster": "cluster", "Executor": "executor", "Inventory": "api", "Host": "inventory", "Journal": "journal",
          "Result": "result"}
 
 

@@ -27,9 +27,11 @@ from .errors import (AuthenticationError, ConfigError, ConnectError, HostError, 
 if TYPE_CHECKING:
     import asyncio
 
-    from .api import Cluster, Inventory
+    from .api import Inventory
+    from .cluster import Cluster
     from .display import Progress
     from .result import Result
+    from .session import Client
 # The rest of sshjobs (asyncssh, structlog, rich...) is imported inside the commands, so
 # that `sshjobs --version` and `--help` start in a few ms instead of ~0.25 s.
 
@@ -47,6 +49,7 @@ class Options:
     verbose: int = 0
     quiet: bool = False
     log_format: str = "human"
+    no_session: bool = False
 
     @property
     def tty(self) -> bool:
@@ -62,6 +65,8 @@ class Options:
 
 
 def _inventory_options(f):
+    f = click.option("--no-session", is_flag=True,
+                     help="Connect anew even when `sshjobs up` keeps a session for this inventory.")(f)
     f = click.option("--limit", "-l", metavar="SELECTION",
                      help="Only these hosts: names, node sets, globs or groups, comma-separated (node[01-03,07],node0*,gpu);"
                           " each must match a host.")(f)
@@ -309,28 +314,64 @@ def read_in_thread(items: Iterator[Any]) -> Any:
 # -- running --------------------------------------------------------------------------------
 @dataclass
 class HostsSeen:
-    """What became of the hosts in a command: the failed ones (name, why) and the ones still
-    connecting when the work was done (a map's other hosts took every item)."""
+    """What became of the hosts in a command: the failed ones (name, why), the ones still
+    connecting when the work was done (a map's other hosts took every item), and each
+    host's ``HostState.info()``."""
 
     failed: list[tuple[str, HostError]]
     pending: list[str]
+    infos: list[dict]
+
+    @classmethod
+    def of(cls, infos: list[dict]) -> "HostsSeen":
+        return cls([(i["name"], i["error"]) for i in infos if i["error"] is not None],
+                   [i["name"] for i in infos if i["error"] is None and not i["up"]], infos)
+
+
+# what a command sends a session: via(client, on_event, seen) -> its value (see run_cluster)
+Via = Callable[["Client", Callable, list], Any]
+
+
+def session_client(inv: Inventory, opts: Options) -> Client | None:
+    """The client of the session `sshjobs up` keeps for this inventory, unless --no-session."""
+    if opts.no_session:
+        return None
+    from .session import find
+
+    return find(inv)
 
 
 def run_cluster(inv: Inventory, opts: Options, work: Callable[[Cluster], Awaitable[Any]], *, title: str,
-                offline: bool | None = None, seen: list[HostsSeen] | None = None, trace: str | None = None) -> Any:
-    """``work(cluster)`` under the live display (api.run_sync: the one way to run a Cluster);
-    ``seen`` receives what became of the hosts; ``trace``: the Cluster's trace file."""
-    from .api import run_sync
+                offline: bool | None = None, seen: list[HostsSeen] | None = None, trace: str | None = None,
+                via: Via | None = None) -> Any:
+    """``work(cluster)`` under the live display (api.run_sync: the one way to run a Cluster),
+    or ``via(client, on_event, seen)`` through the session `sshjobs up` keeps for the inventory
+    (not with ``offline`` or ``trace``: those are a Cluster's own); ``seen`` receives what
+    became of the hosts; ``trace``: the Cluster's trace file."""
     from .display import Progress
     console = opts.console() if not opts.quiet else None
     progress = Progress([h.name for h in inv], console=console, title=title)
+    client = session_client(inv, opts) if via is not None and offline is None and trace is None else None
+    if client is not None:
+        from .session import Stale
+
+        infos: list[dict] = []
+        try:
+            with progress:
+                value = via(client, progress.event, infos)
+        except Stale:
+            pass  # no session serves it after all: run directly
+        else:
+            if seen is not None:
+                seen.append(HostsSeen.of(infos))
+            return value
+    from .api import run_sync
 
     async def shown(cluster: Cluster) -> Any:
         with progress:
             value = await work(cluster)
         if seen is not None:
-            seen.append(HostsSeen([(s.name, s.error) for s in cluster.hosts if s.error is not None],
-                                  [s.name for s in cluster.hosts if s.error is None and not s.up]))
+            seen.append(HostsSeen.of([s.info() for s in cluster.hosts]))
         return value
 
     return run_sync(inv, shown, on_event=progress.event, offline=offline, trace=trace)
@@ -338,14 +379,14 @@ def run_cluster(inv: Inventory, opts: Options, work: Callable[[Cluster], Awaitab
 
 def run_jobs(inv: Inventory, opts: Options, work: Callable[[Cluster], Awaitable[list[Result]]], *,
              title: str, per_host: bool = False, what: str = "jobs", offline: bool | None = None,
-             describe: Callable[[Any], str] | None = None, trace: str | None = None) -> int:
+             describe: Callable[[Any], str] | None = None, trace: str | None = None, via: Via | None = None) -> int:
     """Connect, run ``work(cluster)`` under the live display, print the results and a summary
     naming the hosts that failed; the exit code (1 when a job or a host failed)."""
     from .display import summary
     t0 = time.perf_counter()
     seen: list[HostsSeen] = []
-    results = run_cluster(inv, opts, work, title=title, offline=offline, seen=seen, trace=trace)
-    hosts = seen[0] if seen else HostsSeen([], [])
+    results = run_cluster(inv, opts, work, title=title, offline=offline, seen=seen, trace=trace, via=via)
+    hosts = seen[0] if seen else HostsSeen([], [], [])
     elapsed = time.perf_counter() - t0
     emit_results(results, opts, per_host=per_host, title=title, describe=describe)
     ok = bool(results) and all(r.ok for r in results) and not hosts.failed
@@ -416,7 +457,14 @@ def run(target, args, packages, requirement_files, offline, trace, **kw):
         extra = {"requirements": reqs} if reqs else {}  # installed first; jobs run in that environment
         return await cluster.gather(fn, *values, timeout=opts.timeout, **extra)
 
-    return run_jobs(inv, opts, work, title=f"run {target}", offline=offline, trace=trace)
+    def via(client: Client, on_event, seen: list) -> list[Result]:
+        from .pickling import Shipped, dumps
+
+        shipped = Shipped(fn)
+        return client.call("_gather", shipped, shipped.data, dumps((values, {})), opts.timeout, reqs or None, None,
+                           False, on_event=on_event, seen=seen)
+
+    return run_jobs(inv, opts, work, title=f"run {target}", offline=offline, trace=trace, via=via)
 
 
 @cli.command("map")
@@ -459,14 +507,14 @@ def map_cmd(target, count, args_file, retries, journal, fresh, packages, require
     inv = load_inventory(opts)
     reqs = read_requirements(packages, requirement_files) if packages or requirement_files else []
     items: Any
+    streaming = False  # items from a pipe: read in a thread, sent one by one
     if count is not None:
         items = range(count)
     else:
         lines = iter_items(args_file)
         first = next(lines, _NONE)  # a bad first line is a usage error before anything is contacted
         items = () if first is _NONE else itertools.chain([first], lines)
-        if items and not _regular_file(args_file):
-            items = read_in_thread(items)
+        streaming = bool(items) and not _regular_file(args_file)
     if not items:
         if not opts.as_json and not opts.quiet:
             print("0 items: nothing to run, no host contacted")
@@ -478,21 +526,39 @@ def map_cmd(target, count, args_file, retries, journal, fresh, packages, require
     failure: list[BaseException] = []
 
     async def work(cluster: Cluster) -> None:
-        run = await cluster._start_map(fn, items, ordered=True, chunksize=None, timeout=opts.timeout, retries=retries,
-                                       requirements=reqs or None, journal=journal, resume=not fresh, safe_results=None,
-                                       progress=False)
+        run = await cluster._start_map(fn, read_in_thread(items) if streaming else items, ordered=True, chunksize=None,
+                                       timeout=opts.timeout, retries=retries, requirements=reqs or None,
+                                       journal=journal, resume=not fresh, safe_results=None, progress=False)
         try:
             await run.collect(stream.add)
         except ConfigError as exc:  # the input's bad line, or an item the journal ran differs
             failure.append(exc)
 
+    def via(client: Client, on_event, seen: list) -> None:
+        from .pickling import Shipped
+
+        identity = None
+        if journal is not None:
+            from .journal import function_identity
+
+            identity = function_identity(fn)
+        batches = client.imap(Shipped(fn, identity), items, on_event=on_event, seen=seen, streaming=streaming,
+                              ordered=True, chunksize=None, timeout=opts.timeout, retries=retries,
+                              requirements=reqs or None, journal=journal and os.path.abspath(journal),
+                              resume=not fresh, safe_results=None)
+        try:
+            for batch in batches:
+                stream.add(batch)
+        except ConfigError as exc:
+            failure.append(exc)
+
     t0 = time.perf_counter()
     seen: list[HostsSeen] = []
-    run_cluster(inv, opts, work, title=f"map {target}", offline=offline, seen=seen, trace=trace)
+    run_cluster(inv, opts, work, title=f"map {target}", offline=offline, seen=seen, trace=trace, via=via)
     stream.close()
     if failure:
         raise failure[0]
-    hosts = seen[0] if seen else HostsSeen([], [])
+    hosts = seen[0] if seen else HostsSeen([], [], [])
     ok = stream.total > 0 and stream.failed == 0 and not hosts.failed
     if not opts.as_json and not opts.quiet:
         print_summary(opts, count_summary(stream.ok, stream.total, len(stream.hosts), time.perf_counter() - t0, "jobs",
@@ -599,8 +665,13 @@ def install(packages, requirement_files, offline, forget, **kw):
         done.append(cluster.installed)
         return results
 
+    def via(client: Client, on_event, seen: list) -> list[Result]:
+        results, installed = client.call("install", reqs, offline=offline, on_event=on_event, seen=seen)
+        done.append(installed)
+        return results
+
     code = run_jobs(inv, opts, work, title=f"install {' '.join(reqs)}", per_host=True, what="hosts",
-                    describe=describe_env)
+                    describe=describe_env, via=via)
     if done and done[0] != inv.installed:
         record_installs(path, done[0])
         if not opts.quiet and not opts.as_json:
@@ -622,11 +693,11 @@ def ping(count, **kw):
     inv = load_inventory(opts)
     console = opts.console() if not opts.quiet else None
 
-    async def work(cluster: Cluster) -> list[dict]:
-        results = await cluster.ping(rounds=count, timeout=opts.timeout)
-        return [_ping_row(s, r) for s, r in zip(cluster.hosts, results)]
-
-    rows = run_cluster(inv, opts, work, title="ping")
+    seen: list[HostsSeen] = []
+    results = run_cluster(inv, opts, lambda cluster: cluster.ping(rounds=count, timeout=opts.timeout), title="ping",
+                          seen=seen, via=lambda client, on_event, got: client.call("ping", count, opts.timeout,
+                                                                                   on_event=on_event, seen=got))
+    rows = [_ping_row(info, r) for info, r in zip(seen[0].infos, results)]
     if opts.as_json:
         for row in rows:
             print(json.dumps(row))
@@ -642,18 +713,19 @@ def ping(count, **kw):
     return EXIT_OK if all(row["ok"] for row in rows) else EXIT_FAILED
 
 
-def _ping_row(state, result: Result) -> dict:
+def _ping_row(info: dict, result: Result) -> dict:
+    """A host's row of ``sshjobs ping``, from its ``HostState.info()`` and its ping's Result."""
     # a host that refused the key or showed another host key was reached, not logged in to
-    unreachable = isinstance(state.error, ConnectError) and not isinstance(state.error, (AuthenticationError,
-                                                                                         HostKeyError))
-    reachable = state.link is not None or (state.error is not None and not unreachable)
-    python = ".".join(map(str, state.hello.get("python", ()))) or None
-    error = None if result.ok else (f"{result.error.type}: {result.error.message}" if result.error else "failed")
+    error = info["error"]
+    unreachable = isinstance(error, ConnectError) and not isinstance(error, (AuthenticationError, HostKeyError))
+    reachable = info["connected"] or (error is not None and not unreachable)
+    python = ".".join(map(str, info["python"])) or None
+    message = None if result.ok else (f"{result.error.type}: {result.error.message}" if result.error else "failed")
     return {
-        "host": state.name, "target": state.host.target, "ok": result.ok, "reachable": reachable,
-        "auth": state.link is not None if reachable else None, "python": python,
-        "rtt": result.value if result.ok else None, "connect_time": state.connect_time,
-        "start_time": state.start_time, "error": error,
+        "host": info["name"], "target": info["target"], "ok": result.ok, "reachable": reachable,
+        "auth": info["connected"] if reachable else None, "python": python,
+        "rtt": result.value if result.ok else None, "connect_time": info["connect_time"],
+        "start_time": info["start_time"], "error": message,
     }
 
 
@@ -669,22 +741,33 @@ def exec_cmd(command, **kw):
     one. Identical outputs are shown once with the hosts that printed them (like clush -b),
     then the exit codes.
     """
-    from .api import run_loop
     from .display import Progress, print_grouped
     opts = _options(kw)
     inv = load_inventory(opts)
     line = command[0] if len(command) == 1 else shlex.join(command)
     console = opts.console() if not opts.quiet else None
     progress = Progress([h.name for h in inv], console=console, title=f"exec {line}")
+    rows = None
+    client = session_client(inv, opts)
+    if client is not None:  # the session's connections: no connect, no worker
+        from .session import Stale
 
-    async def go():
-        import asyncio
+        try:
+            with progress:
+                rows = client.exec(line, opts.timeout, on_event=progress.event)
+        except Stale:
+            pass
+    if rows is None:
+        from .api import run_loop
 
-        sem = asyncio.Semaphore(64)
-        with progress:
-            return await asyncio.gather(*(_exec_one(h, line, opts.timeout, sem, progress) for h in inv))
+        async def go():
+            import asyncio
 
-    rows = run_loop(inv, go)
+            sem = asyncio.Semaphore(64)
+            with progress:
+                return await asyncio.gather(*(_exec_one(h, line, opts.timeout, sem, progress) for h in inv))
+
+        rows = run_loop(inv, go)
     if opts.as_json:
         for row in rows:
             print(json.dumps(row))
@@ -695,40 +778,31 @@ def exec_cmd(command, **kw):
 
 async def _exec_one(host, line: str, timeout: float | None, sem: asyncio.Semaphore, progress: Progress) -> dict:
     from . import events
-    import asyncssh
+    from .connection import HostLink, run_line
 
-    from .connection import HostLink
-
-    row = {"host": host.name, "ok": False, "exit_status": None, "stdout": "", "stderr": "",
-           "error": None, "duration": 0.0}
     t0 = time.perf_counter()
     async with sem:
         progress.event(host.name, events.CONNECTING, {})
         try:
             link = await HostLink.open(host)
         except ConnectError as exc:
-            row["error"] = f"{exc.kind}: {exc.message}"
             progress.event(host.name, events.FAILED, {"error": exc.kind, "message": exc.message})
-            return row
+            return {"host": host.name, "ok": False, "exit_status": None, "stdout": "", "stderr": "",
+                    "error": f"{exc.kind}: {exc.message}", "duration": time.perf_counter() - t0}
     progress.event(host.name, events.RUNNING, {"jobs": 1, "job": 0})
     try:
-        done = await link.exec(line, timeout)
-        row.update(exit_status=done.exit_status, stdout=done.stdout, stderr=done.stderr)
-        if done.timed_out:
-            row["error"] = f"Timeout: the command did not finish within {timeout:g}s"
-        elif done.signal:
-            row["error"] = f"killed by signal {done.signal}"
-    except (asyncssh.Error, OSError) as exc:
-        row["error"] = f"HostLost: {host.target}: {exc}"
+        row = await run_line(link, host.name, line, timeout)
     finally:
         link.close()
         await link.wait_closed()
     row["duration"] = time.perf_counter() - t0
-    row["ok"] = row["exit_status"] == 0 and row["error"] is None
-    progress.event(host.name, events.DONE, {"jobs": 1, "job": 0, "ok": int(row["ok"]), "failed": int(not row["ok"]),
-                                            "duration": row["duration"], "exit_status": row["exit_status"],
-                                            "error": row["error"]})
+    progress.event(host.name, events.DONE, events.exec_done(row))
     return row
+
+
+def _via(method: str, *args: Any) -> Via:
+    """A command's call of ``cluster.METHOD(*args)``, through a session."""
+    return lambda client, on_event, seen: client.call(method, *args, on_event=on_event, seen=seen)
 
 
 # -- files to and from the hosts ---------------------------------------------------------------
@@ -748,7 +822,8 @@ def put(local, remote_dir, **kw):
     opts = _options(kw)
     inv = load_inventory(opts)
     return run_jobs(inv, opts, lambda cluster: cluster.put(local, remote_dir), title=f"put {local} {remote_dir}",
-                    per_host=True, what="hosts", describe=describe_transfer)
+                    per_host=True, what="hosts", describe=describe_transfer,
+                    via=_via("put", os.path.abspath(local), remote_dir))
 
 
 @cli.command()
@@ -766,7 +841,8 @@ def get(remote_path, local_dir, **kw):
     opts = _options(kw)
     inv = load_inventory(opts)
     return run_jobs(inv, opts, lambda cluster: cluster.get(remote_path, local_dir),
-                    title=f"get {remote_path} {local_dir}", per_host=True, what="hosts", describe=describe_transfer)
+                    title=f"get {remote_path} {local_dir}", per_host=True, what="hosts", describe=describe_transfer,
+                    via=_via("get", remote_path, os.path.abspath(local_dir)))
 
 
 @cli.command()
@@ -788,7 +864,7 @@ def sync(local_dir, remote_dir, delete, **kw):
     flag = " --delete" if delete else ""
     return run_jobs(inv, opts, lambda cluster: cluster.sync(local_dir, remote_dir, delete=delete),
                     title=f"sync {local_dir} {remote_dir}{flag}", per_host=True, what="hosts",
-                    describe=describe_transfer)
+                    describe=describe_transfer, via=_via("sync", os.path.abspath(local_dir), remote_dir, delete))
 
 
 @cli.command()
@@ -801,7 +877,7 @@ def sync(local_dir, remote_dir, delete, **kw):
 @click.option("--ssh-config", "ssh_config", metavar="FILE", default="~/.ssh/config", show_default=True,
               help="The ssh_config file --from-ssh-config reads.")
 @click.pass_context
-def inventory(ctx, inventory, limit, as_json, ansible, ssh_pattern, ssh_config):
+def inventory(ctx, inventory, limit, no_session, as_json, ansible, ssh_pattern, ssh_config):
     """Show the hosts as a connection reaches them (nothing is contacted), or convert.
 
     The table shows each host's address, user and port as ~/.ssh/config resolves them
@@ -884,7 +960,7 @@ def env_list(**kw):
     async def work(cluster: Cluster) -> list[Result]:
         return await cluster.list_envs()
 
-    results = run_cluster(inv, opts, work, title="env list")
+    results = run_cluster(inv, opts, work, title="env list", via=_via("list_envs"))
     if opts.as_json:
         emit_results(results, opts)
     else:
@@ -925,7 +1001,7 @@ def env_prune(older_than, **kw):
     async def work(cluster: Cluster) -> list[Result]:
         return await cluster.prune_envs(older_than)
 
-    results = run_cluster(inv, opts, work, title="env prune")
+    results = run_cluster(inv, opts, work, title="env prune", via=_via("prune_envs", older_than))
     if opts.as_json:
         emit_results(results, opts)
     else:
@@ -951,6 +1027,193 @@ def timeline(trace, output):
     out = Path(output) if output else Path(trace).with_suffix(".html")
     drawn = write_html(trace, out)
     click.echo(f"timeline: {drawn.jobs} jobs on {drawn.rows} rows of {drawn.hosts} hosts -> {out}")
+    return EXIT_OK
+
+
+# -- sessions: connections and workers kept warm between commands ------------------------------
+def _inventory_file(inventory: str | None) -> str:
+    return inventory_path(Options(inventory=inventory))
+
+
+def parse_duration(text: str) -> float:
+    """30, 90s, 30m, 2h, 1d: seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    t = text.strip().lower()
+    number, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "s")
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a duration (30m, 2h, 90s)", param_hint="--idle") from None
+    if value < 0:
+        raise click.BadParameter(f"{text!r} is below 0", param_hint="--idle")
+    return value
+
+
+@cli.command()
+@click.option("-i", "--inventory", metavar="FILE", envvar="SSHJOBS_INVENTORY", show_envvar=True,
+              help=f"The inventory (TOML). Default: $SSHJOBS_INVENTORY, then ./{DEFAULT_INVENTORY}.")
+@click.option("--idle", default="30m", show_default=True, metavar="DURATION",
+              help="End after this long without a call (90s, 30m, 2h; 0: never).")
+@click.option("--timeout", "start_timeout", type=click.FloatRange(min=1), default=120, show_default=True,
+              metavar="SECONDS", help="How long the session may take to connect every host.")
+def up(inventory, idle, start_timeout):
+    """Keep connections and workers to every host of the inventory warm, for the commands
+    and scripts that follow.
+
+    A session process starts in the background and holds them; run, map, exec, ping,
+    install, put/get/sync, env and the Python API's Inventory.load(FILE) calls on the same
+    inventory file (same content) go through it by themselves, and connect anew when none
+    is up (--no-session, or Inventory.load(FILE, session=False), never use one). It
+    listens on a socket only this user can reach, and ends with `sshjobs down`, after
+    --idle without a call, or when the inventory file is changed and a call finds it so
+    (it then starts over with the new content).
+    """
+    import subprocess
+
+    from . import session
+    from .display import fmt_seconds
+    from .inventory import BaseInventory
+
+    path = _inventory_file(inventory)
+    BaseInventory.load(path)  # an inventory error is told here, not in the session's log
+    seconds = parse_duration(idle)
+    status = session.ask(path)
+    if status is not None:
+        content = session.digest(Path(path).read_bytes())
+        if status["content"] == content:
+            click.echo(f"session for {path} already up (pid {status['pid']}): {_hosts_line(status)}")
+            return EXIT_OK
+        click.echo(f"session for {path} serves an older content of the file: starting it over", err=True)
+        _stop_session(path)
+    folder = session.session_dir(create=True)
+    log_path = folder / f"{session.key(path)}.log"
+    read_end, write_end = os.pipe()
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        cmd = [sys.executable, "-m", "sshjobs.sessiond", os.path.realpath(path), "--ready-fd", str(write_end)]
+        if seconds > 0:
+            cmd += ["--idle", str(seconds)]
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, pass_fds=(write_end,),
+                                start_new_session=True, cwd=os.path.dirname(os.path.realpath(path)))
+    finally:
+        os.close(fd)
+        os.close(write_end)
+    line = _read_line(read_end, start_timeout)
+    if line is None:
+        proc.kill()
+        click.echo(f"Error: the session did not start within {start_timeout:g}s (its log: {log_path})", err=True)
+        return EXIT_FAILED
+    try:
+        status = json.loads(line)
+    except ValueError:
+        status = {"error": f"the session ended as it started (its log: {log_path})"}
+    if "error" in status:
+        click.echo(f"Error: {status['error']}", err=True)
+        return EXIT_FAILED
+    limit = f"ends after {fmt_seconds(seconds)} idle" if seconds > 0 else "no idle limit"
+    click.echo(f"session for {path} up (pid {status['pid']}): {_hosts_line(status)}; {limit};"
+               f" `sshjobs down` ends it")
+    failed = [h for h in status["hosts"] if h["error"]]
+    for h in failed:
+        click.echo(f"  {h['name']}: {h['error']}", err=True)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _read_line(fd: int, timeout: float) -> str | None:
+    """The first line written to ``fd`` (empty when its writer closed it first); None after ``timeout``."""
+    import select
+
+    data = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while b"\n" not in data:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(fd)
+    return data.decode("utf-8", "replace").strip()
+
+
+def _hosts_line(status: dict) -> str:
+    hosts = status["hosts"]
+    up = sum(h["up"] for h in hosts)
+    return f"{up} of {len(hosts)} hosts up, {sum(h['workers'] for h in hosts)} workers"
+
+
+def _stop_session(path: str, wait: float = 15.0) -> int | None:
+    """End the session of an inventory file and wait for its process; its pid, or None."""
+    from . import session
+
+    pid = session.stop(path)
+    if pid is None:
+        return None
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.02)
+    return pid
+
+
+@cli.command()
+@click.option("-i", "--inventory", metavar="FILE", envvar="SSHJOBS_INVENTORY", show_envvar=True,
+              help=f"The inventory (TOML). Default: $SSHJOBS_INVENTORY, then ./{DEFAULT_INVENTORY}.")
+@click.option("--all", "every", is_flag=True, help="End every session of this user.")
+def down(inventory, every):
+    """End the session `sshjobs up` started for the inventory: its workers exit, its
+    connections close."""
+    from . import session
+
+    paths = [s["inventory"] for s in session.running()] if every else [_inventory_file(inventory)]
+    if every and not paths:
+        click.echo("no session is up")
+    for path in paths:
+        pid = _stop_session(path)
+        click.echo(f"session for {path} ended (pid {pid})" if pid else f"no session is up for {path}")
+    return EXIT_OK
+
+
+@cli.command()
+@click.option("-i", "--inventory", metavar="FILE", envvar="SSHJOBS_INVENTORY", show_envvar=True,
+              help="Only the session of this inventory. Default: every session of this user.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per session on stdout.")
+def status(inventory, as_json):
+    """The sessions that are up: their inventory, hosts, workers, calls and jobs served, idle time.
+
+    Exit 1 when none is up (for -i FILE: none for that file).
+    """
+    from . import session
+    from .display import fmt_seconds, print_table
+
+    if inventory:
+        one = session.ask(inventory)
+        found = [one] if one is not None else []
+    else:
+        found = session.running()
+    if as_json:
+        for s in found:
+            print(json.dumps(s))
+        return EXIT_OK if found else EXIT_FAILED
+    if not found:
+        click.echo(f"no session is up{' for ' + inventory if inventory else ''}")
+        return EXIT_FAILED
+    rows = [[s["inventory"], str(s["pid"]), f"{sum(h['up'] for h in s['hosts'])}/{len(s['hosts'])}",
+             str(sum(h["workers"] for h in s["hosts"])), str(s["calls"]), str(s["jobs"]),
+             "busy" if s["running"] else fmt_seconds(s["idle"]),
+             fmt_seconds(s["idle_limit"]) if s["idle_limit"] else "-"] for s in found]
+    print_table(["inventory", "pid", "hosts up", "workers", "calls", "jobs", "idle", "idle limit"], rows,
+                Options().console())
+    for s in found:
+        for h in s["hosts"]:
+            if h["error"]:
+                click.echo(f"  {h['name']}: {h['error']}")
     return EXIT_OK
 
 

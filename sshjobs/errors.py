@@ -11,6 +11,7 @@ nothing else of sshjobs, so every other module can use it.
     │   ├── UsageError                     a CLI target, argument or job file
     │   └── JournalError                   a journal file of another map (or not one at all)
     ├── LabError (also a RuntimeError)     the local lab or the Docker cluster
+    ├── SessionError (also a RuntimeError) a session (`sshjobs up`) that cannot start, or a folder not private
     ├── ClusterClosed (also a RuntimeError)  a call on a closed Cluster (or outside its event loop)
     ├── HostError                          the host could not run the job
     │   ├── ConnectError                   no SSH session: the host was never reached
@@ -111,6 +112,16 @@ class LabError(SshjobsError, RuntimeError):
     """The local lab of sshd servers (or the Docker cluster) cannot be started or stopped."""
 
     kind = "LabError"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class SessionError(SshjobsError, RuntimeError):
+    """A session (``sshjobs up``) could not be started, or its socket folder is not this
+    user's alone."""
+
+    kind = "SessionError"
 
     def __str__(self) -> str:
         return self.message

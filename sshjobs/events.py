@@ -163,3 +163,9 @@ def outcome(results: Sequence["Result"]) -> str:
     if all(r.ok for r in results):
         return "ok"
     return "timeout" if any(isinstance(r.error, Timeout) for r in results) else "failed"
+
+
+def exec_done(row: dict) -> dict:
+    """The info of the DONE event of a host's ``sshjobs exec`` row (see connection.run_line)."""
+    return {"jobs": 1, "job": 0, "ok": int(row["ok"]), "failed": int(not row["ok"]), "duration": row["duration"],
+            "exit_status": row["exit_status"], "error": row["error"]}

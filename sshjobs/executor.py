@@ -14,7 +14,8 @@ import threading
 from os import PathLike
 from typing import Any, Callable
 
-from .api import Cluster, Inventory, use_lean_executor
+from .api import Inventory, use_lean_executor
+from .cluster import Cluster
 from .inventory import BaseInventory
 
 

@@ -163,6 +163,14 @@ class HostState:
             return False
         return self.usable or not self.up or (self.lost is not None and self.attempting)
 
+    def info(self) -> dict:
+        """What a command reports of the host after a call (its summary, ``sshjobs ping``):
+        plain data, as a session sends it."""
+        return {"name": self.name, "target": self.host.target, "error": self.error, "up": self.up,
+                "connected": self.link is not None, "python": tuple(self.hello.get("python", ())),
+                "connect_time": self.connect_time, "start_time": self.start_time,
+                "workers": len(self.live_workers())}
+
     def fail(self, error: HostError) -> None:
         """The host is unusable from now on, for this reason."""
         if self.error is None:

@@ -9,6 +9,7 @@ import difflib
 import fnmatch
 import functools
 import getpass
+import hashlib
 import json
 import re
 import os
@@ -130,14 +131,22 @@ class BaseInventory:
         # calls run in that environment, with each host's own ``requirements``
         self.installed: list[str] = []
         self.notes: list[str] = []  # what a source (Ansible, ssh_config) left out, and why
+        # (resolved path, sha256 of its content) of the file it was loaded from: the session
+        # (``sshjobs up``) it may use; ``session = False``: never use one
+        self.file: tuple[str, str] | None = None
+        self.session: bool | None = None
 
     # -- construction ----------------------------------------------------------
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "BaseInventory":
+    def load(cls, path: str | os.PathLike, *, session: bool | None = None) -> "BaseInventory":
+        """The inventory in a TOML file.  Its calls go through the session that ``sshjobs up``
+        started for this file, when one is up with the same content (``session=False``:
+        never; they connect anew each time)."""
         path = Path(path)
         where = str(path)
         try:
-            text = path.read_bytes().decode("utf-8")
+            raw = path.read_bytes()
+            text = raw.decode("utf-8")
         except FileNotFoundError:
             raise InventoryError(f"{where}: inventory file not found") from None
         except (OSError, UnicodeDecodeError) as exc:
@@ -146,7 +155,10 @@ class BaseInventory:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise InventoryError(f"{where}: TOML syntax error: {exc}") from None
-        return cls.from_dict(data, source=where, base=path.resolve().parent)
+        inv = cls.from_dict(data, source=where, base=path.resolve().parent)
+        inv.file = (os.path.realpath(path), hashlib.sha256(raw).hexdigest())
+        inv.session = session
+        return inv
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "<inventory>", base: Path | None = None) -> "BaseInventory":
@@ -305,6 +317,7 @@ class BaseInventory:
             chosen |= hit
         picked = type(self)([h for h in self.hosts if h.name in chosen], source=self.source)
         picked.installed = list(self.installed)
+        picked.file, picked.session = self.file, self.session
         return picked
 
     # -- as TOML -------------------------------------------------------------------------------

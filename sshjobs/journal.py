@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator
 import cloudpickle
 
 from .errors import JournalError
+from .pickling import Shipped
 from .result import Result
 from .version import __version__
 
@@ -59,6 +60,8 @@ CREATE TABLE IF NOT EXISTS results (
 def function_identity(fn: Callable) -> tuple[str, str]:
     """``fn``'s qualified name and a hash of its code (bytecode, constants and names of it and
     the code it nests), which line numbers and file names do not change."""
+    if type(fn) is Shipped and fn.identity is not None:
+        return fn.identity
     name = f"{getattr(fn, '__module__', None) or '?'}.{getattr(fn, '__qualname__', None) or type(fn).__qualname__}"
     digest = hashlib.blake2b(digest_size=8)
 

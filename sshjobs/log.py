@@ -8,6 +8,8 @@ fields ride along as record attributes (``record.event == "host failed"``,
 ``record.host``, ``record.error``...), for a JSON formatter or structlog's
 ``ProcessorFormatter`` with ``structlog.stdlib.ExtraAdder()``.  A field whose name a
 LogRecord already uses (``message``, ``name``...) is given a trailing underscore there.
+structlog is imported at the first record, not before: a command that logs nothing (one
+through a session) does not pay for it.
 """
 
 from __future__ import annotations
@@ -15,14 +17,6 @@ from __future__ import annotations
 import logging
 import sys
 from typing import Any
-
-import structlog
-
-_PRE_CHAIN = [
-    structlog.stdlib.add_log_level,
-    structlog.stdlib.add_logger_name,
-    structlog.processors.TimeStamper(fmt="iso", utc=True),
-]
 
 # Names a LogRecord has already; `extra` may not set them.
 _RECORD_NAMES = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
@@ -71,13 +65,41 @@ def to_stdlib(_logger, _method: str, event_dict: dict) -> tuple[tuple, dict]:
     return ("%s", message(event, fields)), kwargs
 
 
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "warn": logging.WARNING,
+           "error": logging.ERROR, "exception": logging.ERROR, "critical": logging.CRITICAL}
+
+
+def _nothing(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+class _Logger:
+    """A structlog logger, made at its first use."""
+
+    __slots__ = ("_name", "_logger")
+
+    def __init__(self, name: str):
+        self._name = name
+        self._logger = None
+
+    def __getattr__(self, method: str):
+        if self._logger is None:
+            level = _LEVELS.get(method)
+            if level is not None and not logging.getLogger(self._name).isEnabledFor(level):
+                return _nothing  # a record nobody would see: structlog is not needed yet
+            import structlog
+
+            self._logger = structlog.wrap_logger(
+                logging.getLogger(self._name),
+                processors=[structlog.stdlib.filter_by_level, to_stdlib],
+                wrapper_class=structlog.stdlib.BoundLogger,
+                cache_logger_on_first_use=True,
+            )
+        return getattr(self._logger, method)
+
+
 def get_logger(name: str):
-    return structlog.wrap_logger(
-        logging.getLogger(name),
-        processors=[structlog.stdlib.filter_by_level, to_stdlib],
-        wrapper_class=structlog.stdlib.BoundLogger,
-        cache_logger_on_first_use=True,
-    )
+    return _Logger(name)
 
 
 def _own_names(_logger, _method: str, event_dict: dict) -> dict:
@@ -91,21 +113,32 @@ def configure(level: int = logging.WARNING, fmt: str = "human", stream=None) -> 
     """Send sshjobs' logs to stderr (or ``stream``), human-readable (``human``, structlog's
     console renderer) or one JSON object a line (``json``: ``event``, its fields, ``level``,
     ``logger``, ``timestamp``), at ``level`` and above.  They no longer reach the root logger."""
-    renderer = (
-        structlog.processors.JSONRenderer()
-        if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=(stream or sys.stderr).isatty())
-    )
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
-            foreign_pre_chain=[structlog.stdlib.ExtraAdder(), _own_names, *_PRE_CHAIN],
-        )
-    )
+    handler.setFormatter(_Formatter(fmt, (stream or sys.stderr).isatty()))
     root = logging.getLogger("sshjobs")
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
     root.propagate = False
+
+
+class _Formatter(logging.Formatter):
+    """structlog's ProcessorFormatter, made at the first record."""
+
+    def __init__(self, fmt: str, colors: bool):
+        super().__init__()
+        self._fmt_name, self._colors, self._made = fmt, colors, None
+
+    def format(self, record: logging.LogRecord) -> str:
+        if self._made is None:
+            import structlog
+
+            renderer = (structlog.processors.JSONRenderer() if self._fmt_name == "json"
+                        else structlog.dev.ConsoleRenderer(colors=self._colors))
+            pre_chain = [structlog.stdlib.add_log_level, structlog.stdlib.add_logger_name,
+                         structlog.processors.TimeStamper(fmt="iso", utc=True)]
+            self._made = structlog.stdlib.ProcessorFormatter(
+                processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+                foreign_pre_chain=[structlog.stdlib.ExtraAdder(), _own_names, *pre_chain])
+        return self._made.format(record)

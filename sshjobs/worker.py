@@ -21,6 +21,7 @@ from .remote import STUB, WORKER, protocol
 from .connection import HostLink, env_prefix, shell_word, split_env
 from .errors import HostLost, PythonMismatch, UnpicklableResult, UnsafeResult, WorkerError, WorkerLost, WorkerStartError
 from .log import get_logger
+from .pickling import Pickled, dumps  # noqa: F401  (frames carry what dumps makes)
 from .safe import RefusedType
 
 log = get_logger("sshjobs.worker")
@@ -427,60 +428,6 @@ class Worker:
         self._outq.clear()
         self._writable.set()
         self._closed.set()
-
-
-_PLAIN = frozenset({int, float, str, bytes, bool, type(None), complex, bytearray})
-_BUFFERS = frozenset({bytes, bytearray})
-# What _plain() finds, as bits: plain data; a payload big enough for out of band; not plain.
-PLAIN, BIG, NOT_PLAIN = 0, 1, 2
-
-
-def _big(values) -> int:
-    return BIG if any([len(v) >= protocol.OOB_MIN for v in values if type(v) in _BUFFERS]) else PLAIN
-
-
-def _plain(obj) -> int:
-    t = type(obj)
-    if t in _PLAIN:
-        return BIG if t in _BUFFERS and len(obj) >= protocol.OOB_MIN else PLAIN
-    if t in (tuple, list):
-        types = set(map(type, obj))
-        if not _PLAIN.issuperset(types):
-            return NOT_PLAIN
-        return PLAIN if types.isdisjoint(_BUFFERS) else _big(obj)
-    if t is dict:
-        keys, values = set(map(type, obj)), set(map(type, obj.values()))
-        if not (_PLAIN.issuperset(keys) and _PLAIN.issuperset(values)):
-            return NOT_PLAIN
-        return (PLAIN if keys.isdisjoint(_BUFFERS) else _big(obj)) | \
-            (PLAIN if values.isdisjoint(_BUFFERS) else _big(obj.values()))
-    return NOT_PLAIN
-
-
-class Pickled:
-    """dumps() of arguments with big payloads: the in-band pickle (``data``) and the
-    out-of-band buffers, (BYTES or BYTEARRAY, bytes), sent as frames before the job's."""
-
-    __slots__ = ("data", "buffers")
-
-    def __init__(self, data: bytes, buffers: list):
-        self.data = data
-        self.buffers = buffers
-
-
-def dumps(obj: tuple) -> bytes | Pickled:
-    """Plain data goes through pickle (fast); anything else through cloudpickle, which
-    ships functions and classes of the controller's __main__ by value.  Payloads of
-    protocol.OOB_MIN bytes or more leave the pickle (see protocol.Parts): a bytes argument is
-    sent from its own memory, a mutable one (bytearray, numpy array) from a copy taken now."""
-    found = PLAIN
-    for x in obj:
-        found |= _plain(x)
-    if found == PLAIN:
-        return pickle.dumps(obj, protocol=5)
-    out = protocol.Parts(False)
-    (cloudpickle.Pickler if found & NOT_PLAIN else pickle.Pickler)(out, protocol=5).dump(obj)
-    return Pickled(out.data(), out.buffers) if out.buffers else out.data()
 
 
 class _Fill:

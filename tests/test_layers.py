@@ -11,15 +11,18 @@ PACKAGE = Path(sshjobs.__file__).parent
 
 # Lowest first.  A module may import (at any depth, lazily too) only modules listed before it.
 FLOORS = [
-    "version", "sshimport", "errors", "log", "result", "events",  # the ground floor
+    "version", "sshimport", "errors", "args", "log", "result", "events",  # the ground floor
     "remote",                                              # the remote half (stdlib only)
     "safe",                                                # the restricted unpickler
+    "pickling",                                            # a job's function and arguments, pickled
     "sources",                                             # inventories users have (ssh_config, Ansible)
     "inventory", "connection", "worker", "hosts",          # the data path, in order
     "transfer",                                            # files to and from the hosts (SFTP)
     "provisioning", "scheduler", "trace",                  # the queue; the run's trace
     "journal", "stream", "progress",                       # a map: its journal, engine and bar
-    "api", "executor", "joblib",
+    "session",                                             # a running session's client (no SSH)
+    "cluster", "api", "executor", "joblib",
+    "sessiond",                                            # the session process
     "display", "timeline", "lab", "dockerlab", "cli",      # the faces, the lab beside
     "__init__", "__main__",
 ]
