@@ -66,6 +66,13 @@ FIGURES = {
     "version": ("`sshjobs --version` (baseline: python -c pass)", "s", False, lambda v, r: v <= 0.08, "<= 0.08 s"),
     "run_10": ("`sshjobs run` tiny job, 10 hosts (baseline: 10 parallel ssh)", "s", False,
                lambda v, r: r is not None and r <= 0.6, "<= 0.6x baseline"),
+    # bench.session (its own 100-host lab), whole processes: through `sshjobs up`'s session, beside the direct run
+    "session_run_10": ("`sshjobs run` tiny job, 10 hosts, through a session (baseline: --no-session)", "s", False,
+                       lambda v, r: v <= 0.15, "<= 0.15 s"),
+    "session_exec_100": ("`sshjobs exec -- true`, 100 hosts, through a session (baseline: --no-session)", "s",
+                         False, lambda v, r: v <= 0.3, "<= 0.3 s"),
+    "session_script_10": ("a script's inv.gather(f), 10 hosts, interpreter start included, through a session"
+                          " (baseline: session=False)", "s", False, lambda v, r: v <= 0.2, "<= 0.2 s"),
 }
 
 
@@ -333,11 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--subnet", type=int, default=int(os.environ.get("SSHJOBS_LAB_SUBNET", "9")),
                     help="lab addresses 127.0.SUBNET.x (default $SSHJOBS_LAB_SUBNET or 9)")
     ap.add_argument("--only", default="",
-                    help="comma-separated: cold,warm,scale,install,cli_start,contact,stream (default all)")
+                    help="comma-separated: cold,warm,scale,install,cli_start,contact,stream,session (default all)")
     ap.add_argument("--json-out", help="also write the JSON object to this file")
     args = ap.parse_args(argv)
     only = set(filter(None, args.only.split(","))) or {"cold", "warm", "scale", "install", "cli_start", "contact",
-                                                       "stream"}
+                                                       "stream", "session"}
 
     # The figures' new processes start as an installed sshjobs does, from .pyc files: caching
     # on (a developer's PYTHONDONTWRITEBYTECODE would make every one compile sshjobs again).
@@ -408,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         lab.down()
         say(f"bench: lab stopped after {time.perf_counter() - started:.0f} s")
     extra = {}
-    for name in ("cli_start", "contact", "stream"):  # each starts its own lab, so after ours is down
+    for name in ("cli_start", "contact", "stream", "session"):  # each starts its own lab, so after ours is down
         if name in only:
             say(f"bench: {name}")
             out = subprocess.run([sys.executable, "-m", f"bench.{name}", "--runs", str(n), "--subnet", str(args.subnet)],
@@ -434,6 +441,12 @@ def main(argv: list[str] | None = None) -> int:
             runs.add_pair("version", ours, theirs)
         for ours, theirs in zip(c["run_10_hosts"]["walls"], c["ssh_10_parallel"]["walls"]):
             runs.add_pair("run_10", ours, theirs)
+    if "session" in extra:
+        c = extra["session"]["runs"]
+        for key, name in (("session_run_10", "run_10"), ("session_exec_100", "exec_100"),
+                          ("session_script_10", "script_10")):
+            for ours, theirs in zip(c[name]["session"], c[name]["direct"]):
+                runs.add_pair(key, ours, theirs)
     summary = summarise(runs, n)
     summary.update(extra)
     summary["machine"]["load_1min_before"] = load_before

@@ -186,7 +186,7 @@ def record_installs(inventory: str, lines: list[str]) -> None:
 def read_requirements(packages: tuple[str, ...], files: tuple[str, ...]) -> list[str]:
     """The requirements of PKG arguments and requirements files, checked as the installer
     will read them (comments dropped; -e or nested -r refused) before anything is contacted."""
-    from .provisioning import parse_requirements
+    from .requirements import parse_requirements
 
     lines = list(packages)
     for name in files:
@@ -356,9 +356,11 @@ def run_cluster(inv: Inventory, opts: Options, work: Callable[[Cluster], Awaitab
         from .session import Stale
 
         infos: list[dict] = []
+        # events feed the live display and -v's logs: without either, the session sends none
+        hear = progress.event if console is not None or opts.verbose else None
         try:
             with progress:
-                value = via(client, progress.event, infos)
+                value = via(client, hear, infos)
         except Stale:
             pass  # no session serves it after all: run directly
         else:
@@ -754,7 +756,8 @@ def exec_cmd(command, **kw):
 
         try:
             with progress:
-                rows = client.exec(line, opts.timeout, on_event=progress.event)
+                rows = client.exec(line, opts.timeout,
+                                   on_event=progress.event if console is not None or opts.verbose else None)
         except Stale:
             pass
     if rows is None:
@@ -919,7 +922,7 @@ def inventory(ctx, inventory, limit, no_session, as_json, ansible, ssh_pattern, 
         inv = inv.select(limit) if limit else inv
     reached = [h.resolved for h in inv]
     if as_json:
-        from .provisioning import merge_requirements
+        from .requirements import merge_requirements
 
         for h, r in zip(inv, reached):
             print(json.dumps({
@@ -1064,9 +1067,10 @@ def up(inventory, idle, start_timeout):
     install, put/get/sync, env and the Python API's Inventory.load(FILE) calls on the same
     inventory file (same content) go through it by themselves, and connect anew when none
     is up (--no-session, or Inventory.load(FILE, session=False), never use one). It
-    listens on a socket only this user can reach, and ends with `sshjobs down`, after
-    --idle without a call, or when the inventory file is changed and a call finds it so
-    (it then starts over with the new content).
+    listens on a socket only this user can reach, and ends with `sshjobs down` or after
+    --idle without a call; when the inventory file changed, the next call with the new
+    content makes it start over with it. Exit 1 when a host failed to start (the session
+    stays up for the others and tries it again later).
     """
     import subprocess
 
@@ -1211,6 +1215,8 @@ def status(inventory, as_json):
     print_table(["inventory", "pid", "hosts up", "workers", "calls", "jobs", "idle", "idle limit"], rows,
                 Options().console())
     for s in found:
+        if s["stale"]:
+            click.echo(f"{s['inventory']} changed since the session loaded it: the next call with it starts it over")
         for h in s["hosts"]:
             if h["error"]:
                 click.echo(f"  {h['name']}: {h['error']}")

@@ -163,7 +163,8 @@ class Client:
              **kwargs: Any) -> Any:
         """``cluster.METHOD(*args, **kwargs)`` in the session, on this inventory's hosts; its value.
         ``seen`` receives, per host, (name, its error or None, whether it is up)."""
-        sock = self._open({"op": "call", "method": method, "args": args, "kwargs": kwargs})
+        sock = self._open({"op": "call", "method": method, "args": args, "kwargs": kwargs,
+                           "events": on_event is not None})
         try:
             return self._replies(sock, on_event, seen)
         finally:
@@ -171,7 +172,7 @@ class Client:
 
     def exec(self, line: str, timeout: float | None, on_event: Callable | None = None) -> list[dict]:
         """A shell command on every host, on the session's connections: one row per host."""
-        sock = self._open({"op": "exec", "line": line, "timeout": timeout})
+        sock = self._open({"op": "exec", "line": line, "timeout": timeout, "events": on_event is not None})
         try:
             return self._replies(sock, on_event, None)
         finally:
@@ -184,7 +185,7 @@ class Client:
         is read here, in a thread, and sent as the session asks for it (``streaming``: item
         by item, for a source that waits for its lines).  Closing the iterator cancels the map."""
         whole = items if isinstance(items, range) else None
-        sock = self._open({"op": "map", "fn": fn, "items": whole, "kwargs": kwargs})
+        sock = self._open({"op": "map", "fn": fn, "items": whole, "kwargs": kwargs, "events": on_event is not None})
         if whole is None:
             threading.Thread(target=_feed, args=(sock, items, streaming), name="sshjobs-items", daemon=True).start()
         return self._batches(sock, on_event, seen)

@@ -34,7 +34,7 @@ from .cluster import Cluster
 from .connection import run_line
 from .errors import SessionError, SshjobsError
 from .log import configure, get_logger
-from .provisioning import merge_requirements
+from .requirements import merge_requirements
 
 log = get_logger("sshjobs.sessiond")
 
@@ -45,10 +45,12 @@ ITEMS_AHEAD = 4  # item batches read ahead of the map's own look-ahead
 
 
 class Call:
-    """One caller's connection: the hosts it runs on and what is sent back to it."""
+    """One caller's connection: the hosts it runs on, whether it hears their events, and what
+    is sent back to it."""
 
-    def __init__(self, hosts: set[str]):
+    def __init__(self, hosts: set[str], events: bool):
         self.hosts = hosts
+        self.events = events
         self.out: asyncio.Queue = asyncio.Queue()
 
 
@@ -72,7 +74,7 @@ class Session:
         data = Path(self.path).read_bytes()
         inventory = Inventory.load(self.path)
         use_lean_executor(inventory)
-        cluster = Cluster(inventory, on_event=self.event)
+        cluster = Cluster(inventory)
         self.content = wire.digest(data)
         self.cluster = cluster
         self.restarted = time.monotonic()
@@ -91,13 +93,23 @@ class Session:
 
     def event(self, host: str, kind: str, info: dict) -> None:
         for call in self.calls:
-            if host in call.hosts:
+            if call.events and host in call.hosts:
                 call.out.put_nowait(("event", host, kind, info))
+
+    def _listen(self) -> None:
+        """The Cluster builds its per-job events only while a call hears them."""
+        if self.cluster is not None:
+            self.cluster.on_event = self.event if any(c.events for c in self.calls) else None
 
     def status(self) -> dict:
         states = self.cluster.states if self.cluster is not None else []
         idle = 0.0 if self.calls else time.monotonic() - self.last
-        return {"pid": os.getpid(), "inventory": self.path, "content": self.content, "started": self.started,
+        try:
+            stale = wire.digest(Path(self.path).read_bytes()) != self.content
+        except OSError:
+            stale = True
+        return {"pid": os.getpid(), "inventory": self.path, "content": self.content, "stale": stale,
+                "started": self.started,
                 "idle": idle, "idle_limit": self.idle, "calls": self.served, "jobs": self.jobs,
                 "running": len(self.calls),
                 "hosts": [{"name": s.name, "up": s.usable, "workers": len(s.live_workers()),
@@ -157,10 +169,11 @@ class Session:
 
     async def run(self, request: dict, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         assert self.cluster is not None
-        call = Call(set(request["hosts"]))
+        call = Call(set(request["hosts"]), bool(request.get("events")))
         view = self.cluster.view(request["hosts"])
         view.installed = merge_requirements(self.cluster.installed, request.get("installed") or ())
         self.calls.add(call)
+        self._listen()
         self.served += 1
         await _write(writer, ("accepted",))
         op = request["op"]
@@ -168,6 +181,7 @@ class Session:
             work = asyncio.ensure_future(self.map(view, request, reader, call))
         else:
             work = asyncio.ensure_future(_exec(self, view, request) if op == "exec" else self.call(view, request))
+        if op != "map" or request.get("items") is not None:  # else the items' reader hears the hang-up
             # the caller hangs up (Ctrl-C): the call is cancelled, its jobs killed
             watch = asyncio.ensure_future(reader.read(1))
             watch.add_done_callback(lambda _: work.cancel())
@@ -190,6 +204,7 @@ class Session:
         finally:
             sender.cancel()
             self.calls.discard(call)
+            self._listen()
             self.last = time.monotonic()
             self.rewarm()
 

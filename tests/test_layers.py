@@ -11,7 +11,7 @@ PACKAGE = Path(sshjobs.__file__).parent
 
 # Lowest first.  A module may import (at any depth, lazily too) only modules listed before it.
 FLOORS = [
-    "version", "sshimport", "errors", "args", "log", "result", "events",  # the ground floor
+    "version", "sshimport", "errors", "args", "requirements", "log", "result", "events",  # the ground floor
     "remote",                                              # the remote half (stdlib only)
     "safe",                                                # the restricted unpickler
     "pickling",                                            # a job's function and arguments, pickled
