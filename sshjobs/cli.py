@@ -1075,7 +1075,7 @@ def up(inventory, idle, start_timeout):
     import subprocess
 
     from . import session
-    from .display import fmt_seconds
+    from .display import fmt_duration
     from .inventory import BaseInventory
 
     path = _inventory_file(inventory)
@@ -1114,7 +1114,7 @@ def up(inventory, idle, start_timeout):
     if "error" in status:
         click.echo(f"Error: {status['error']}", err=True)
         return EXIT_FAILED
-    limit = f"ends after {fmt_seconds(seconds)} idle" if seconds > 0 else "no idle limit"
+    limit = f"ends after {fmt_duration(seconds)} idle" if seconds > 0 else "no idle limit"
     click.echo(f"session for {path} up (pid {status['pid']}): {_hosts_line(status)}; {limit};"
                f" `sshjobs down` ends it")
     failed = [h for h in status["hosts"] if h["error"]]
@@ -1194,7 +1194,7 @@ def status(inventory, as_json):
     Exit 1 when none is up (for -i FILE: none for that file).
     """
     from . import session
-    from .display import fmt_seconds, print_table
+    from .display import fmt_duration, print_table
 
     if inventory:
         one = session.ask(inventory)
@@ -1210,8 +1210,8 @@ def status(inventory, as_json):
         return EXIT_FAILED
     rows = [[s["inventory"], str(s["pid"]), f"{sum(h['up'] for h in s['hosts'])}/{len(s['hosts'])}",
              str(sum(h["workers"] for h in s["hosts"])), str(s["calls"]), str(s["jobs"]),
-             "busy" if s["running"] else fmt_seconds(s["idle"]),
-             fmt_seconds(s["idle_limit"]) if s["idle_limit"] else "-"] for s in found]
+             "busy" if s["running"] else fmt_duration(s["idle"]),
+             fmt_duration(s["idle_limit"]) if s["idle_limit"] else "-"] for s in found]
     print_table(["inventory", "pid", "hosts up", "workers", "calls", "jobs", "idle", "idle limit"], rows,
                 Options().console())
     for s in found:

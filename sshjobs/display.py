@@ -236,6 +236,16 @@ def fmt_seconds(s: float | None) -> str:
     return f"{s * 1000:.1f}ms" if s < 1 else f"{s:.2f}s"
 
 
+def fmt_duration(s: float) -> str:
+    """A span people set (an idle limit, an idle time): 45s, 30m, 2h 5m, 3d 1h."""
+    s = int(round(s))
+    for unit, size, smaller, small in (("d", 86400, "h", 3600), ("h", 3600, "m", 60)):
+        if s >= size:
+            rest = (s % size) // small
+            return f"{s // size}{unit}" + (f" {rest}{smaller}" if rest else "")
+    return f"{s // 60}m" + (f" {s % 60}s" if s % 60 else "") if s >= 60 else f"{s}s"
+
+
 # -- results ----------------------------------------------------------------------------
 TABLE_ROWS = 200  # rows of a terminal result table; --json or a pipe gives every result
 
