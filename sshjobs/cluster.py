@@ -20,7 +20,6 @@ from .inventory import BaseInventory
 from .log import get_logger
 from .result import Result, failed
 from .journal import open_for
-from .progress import Progress
 from .scheduler import Dispatcher, not_started, pickle_function, pickling_failure
 from .scheduler import ping as ping_host
 from .stream import MapRun
@@ -392,7 +391,11 @@ class Cluster:
             return await self.dispatcher.submit(fn, fn_bytes, body, timeout=timeout, safe_results=safe_results,
                                                 pin=state, index=state.index, deadline=deadline)
 
-        bar = Progress("gather", len(self.states)) if progress else None
+        bar = None
+        if progress:
+            from .progress import Progress  # rich: only for a bar
+
+            bar = Progress("gather", len(self.states))
 
         async def counted(state: HostState, spec) -> Result:
             result = await one(state, spec)
@@ -509,6 +512,8 @@ class Cluster:
                      ordered=ordered, recorded=recorded, record=recorded.commit if recorded else None,
                      fail_with=fail_with, cleanup=[downloads.cleanup] + ([recorded.close] if recorded else []))
         if progress:
+            from .progress import Progress
+
             bar = Progress("map", run.total)
             run.record = bar.recorder(run.record)
             run.cleanup.append(bar.close)
