@@ -27,11 +27,9 @@ from typing import Any
 
 import cloudpickle
 
-from . import events
 from . import session as wire
 from .api import Inventory, use_lean_executor
 from .cluster import Cluster
-from .connection import run_line
 from .errors import SessionError, SshjobsError
 from .log import configure, get_logger
 from .requirements import merge_requirements
@@ -255,24 +253,79 @@ class Session:
                 return
 
 
+# ``sshjobs exec``'s command as a job of the host's warm worker: the user's login shell with
+# -c, in the home folder, as sshd runs it; compiled here under a module name no host can
+# import, so that cloudpickle ships it by value.
+_SHELL_JOB = """
+def shell_line(line, timeout):
+    import os, pwd, signal, subprocess
+    shell = pwd.getpwuid(os.getuid()).pw_shell or "/bin/sh"
+    # argv[0] as sshd gives it; in the worker's process group: a cancelled call kills the
+    # worker's group, the command with it
+    proc = subprocess.Popen([os.path.basename(shell), "-c", line], executable=shell, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=os.path.expanduser("~"))
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        return proc.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), False
+    except subprocess.TimeoutExpired:
+        pass
+    # the timeout: the command and everything it started, found by their parent pids
+    children = {}
+    for entry in [e for e in os.listdir("/proc") if e.isdigit()] if os.path.isdir("/proc") else ():
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    doomed, todo = [], [proc.pid]
+    while todo:
+        pid = todo.pop()
+        doomed.append(pid)
+        todo.extend(children.get(pid, ()))
+    for pid in doomed:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    out, err = proc.communicate()
+    return proc.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), True
+"""
+
+
+def _shell_job():
+    namespace: dict = {"__name__": "sshjobs_session_exec"}
+    exec(compile(_SHELL_JOB, "<sshjobs exec>", "exec"), namespace)
+    return namespace["shell_line"]
+
+
+SHELL_LINE = _shell_job()
+
+
 async def _exec(session: Session, view: Cluster, request: dict) -> list[dict]:
-    """``sshjobs exec`` on the session's connections: each host's row, in inventory order."""
+    """``sshjobs exec`` on the session's warm workers (no channel, no login per host): each
+    host's row, in inventory order, as ``connection.run_line`` gives it."""
     line, timeout = request["line"], request.get("timeout")
-
-    async def one(state) -> dict:
-        t0 = time.perf_counter()
-        if not await session.cluster.ready(state) or state.link is None:  # type: ignore[union-attr]
-            error = state.failure().error
-            row = {"host": state.name, "ok": False, "exit_status": None, "stdout": "", "stderr": "",
-                   "error": f"{error.kind}: {error.message}", "duration": time.perf_counter() - t0}
-            return row
-        state.events.emit(state.name, events.RUNNING, {"jobs": 1, "job": 0})
-        row = await run_line(state.link, state.name, line, timeout)
-        row["duration"] = time.perf_counter() - t0
-        state.events.emit(state.name, events.DONE, events.exec_done(row))
-        return row
-
-    rows = list(await asyncio.gather(*(one(s) for s in view.states)))
+    t0 = time.perf_counter()
+    # the job kills the command at its timeout itself; the gather's own is a backstop
+    results = await view.gather(SHELL_LINE, line, timeout, timeout=None if timeout is None else timeout + 10)
+    rows = []
+    for r in results:
+        row: dict = {"host": r.host, "ok": False, "exit_status": None, "stdout": "", "stderr": "", "error": None,
+                     "duration": r.duration or time.perf_counter() - t0}
+        if not r.ok:
+            row["error"] = f"{r.error.type}: {r.error.message}" if r.error else "failed"
+        else:
+            status, row["stdout"], row["stderr"], timed_out = r.value
+            if timed_out:
+                row["error"] = f"Timeout: the command did not finish within {timeout:g}s"
+            elif status < 0:  # as over SSH: exit status -1 and the signal's name
+                row["exit_status"] = -1
+                row["error"] = f"killed by signal {signal.Signals(-status).name[3:]}"
+            else:
+                row["exit_status"] = status
+        row["ok"] = row["exit_status"] == 0 and row["error"] is None
+        rows.append(row)
     session.jobs += len(rows)
     return rows
 

@@ -20,7 +20,7 @@ import pytest
 
 from sshjobs import Inventory
 
-from .conftest import quiet, wait_no_processes
+from .conftest import quiet, user_processes, wait_no_processes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -127,18 +127,29 @@ def test_up_status_down_and_commands_through_the_session(lab, invfile, runtime, 
     assert len(ran.stdout.splitlines()) == 40
     ex = sshjobs("exec", "-i", invfile, "--json", "--", "echo", "hi", env=runtime)
     assert ex.returncode == 0 and [json.loads(x)["stdout"] for x in ex.stdout.splitlines()] == ["hi\n"] * 10
+    # a command run by the warm workers reads as one run over its own SSH channel
+    line = 'cd; pwd; echo "$0" >&2; exit 3'
+    rows = {how: [{k: json.loads(x)[k] for k in ("host", "ok", "exit_status", "stdout", "stderr", "error")}
+                  for x in sshjobs("exec", "-i", invfile, "--json", *flag, "--", line, env=runtime).stdout.splitlines()]
+            for how, flag in (("session", ()), ("direct", ("--no-session",)))}
+    assert rows["session"] == rows["direct"] and rows["session"][0]["exit_status"] == 3
+    late = sshjobs("exec", "-i", invfile, "--json", "--timeout", "0.5", "--", "echo a; sleep 30", env=runtime)
+    assert [json.loads(x)["error"] for x in late.stdout.splitlines()] == [
+        "Timeout: the command did not finish within 0.5s"] * 10
+    time.sleep(0.5)
+    assert not [p for u in users for p in user_processes(u) if "sleep 30" in p]  # killed, all it started too
     ping = sshjobs("ping", "-i", invfile, "--json", env=runtime)
     assert ping.returncode == 0 and all(json.loads(x)["ok"] for x in ping.stdout.splitlines())
     lim = sshjobs("run", "-i", invfile, "--limit", "node0[1-3]", f"{jobs}:tiny", "--json", env=runtime)
     assert [json.loads(x)["host"] for x in lim.stdout.splitlines()] == ["node01", "node02", "node03"]
     s = status(invfile, runtime)
-    assert s["calls"] == 7 and s["jobs"] >= 2 * 10 + 30 + 40 + 10 + 10 + 3
+    assert s["calls"] == 9 and s["jobs"] >= 2 * 10 + 30 + 40 + 10 + 10 + 3
 
     # --no-session: a run of its own, other workers, and the session hears nothing of it
     direct = sshjobs("run", "-i", invfile, f"{jobs}:where", "--json", "--no-session", env=runtime)
     assert direct.returncode == 0
     assert not set(r["value"] for r in map(json.loads, direct.stdout.splitlines())) & set(pids[0])
-    assert status(invfile, runtime)["calls"] == 7
+    assert status(invfile, runtime)["calls"] == 9
 
     down = sshjobs("down", "-i", invfile, env=runtime)
     assert down.returncode == 0 and f"pid {s['pid']}" in down.stdout
