@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, Iterator
 from .errors import SessionError
 
 HELLO_WAIT = 3.0  # seconds a session may take to accept a call before the call runs directly
+RESTART_WAIT = 300.0  # ... and to start over with a changed inventory file
 _HEADER = struct.Struct("!Q")
 
 
@@ -150,6 +151,9 @@ class Client:
         try:
             send(sock, {"digest": self.content, "hosts": self.hosts, "installed": self.installed, **request})
             reply = recv(sock)
+            if reply[0] == "restarting":  # the file changed: the session connects anew, then serves
+                sock.settimeout(RESTART_WAIT)
+                reply = recv(sock)
         except (OSError, EOFError) as exc:  # a session that hangs or died in between
             sock.close()
             raise Stale(f"the session did not answer: {exc}") from None

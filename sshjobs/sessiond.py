@@ -82,9 +82,9 @@ class Session:
         except Exception as exc:  # a host's failure is its state; the session serves the rest
             log.info("not every slot started", error=repr(exc))
 
-    async def reload(self, why: str) -> None:
+    async def reload(self, why: str, old: Cluster | None) -> None:
+        """Close ``old`` (taken off ``self.cluster`` by the caller) and start again from the file."""
         log.info("session starts over", why=why, inventory=self.path)
-        old, self.cluster = self.cluster, None
         if old is not None:
             await old.close()
         await self.load()
@@ -130,40 +130,49 @@ class Session:
                 if op == "stop":
                     self.over.set()
                 return
-            why = await self.usable(request)
+            why, restart = self.usable(request)
             if why is not None:
                 await _write(writer, ("stale", why))
                 return
+            if restart is not None:
+                old, self.cluster = self.cluster, None  # from now on other calls hear "starting over"
+                await _write(writer, ("restarting", restart))  # the caller waits longer than for a hello
+                try:
+                    await self.reload(restart, old)
+                except Exception as exc:  # the new content does not load: this session can serve nothing
+                    log.warning("the session ends: it cannot start over", error=str(exc))
+                    self.over.set()
+                    return
             await self.run(request, reader, writer)
         except (ConnectionError, BrokenPipeError):
             pass
         finally:
             writer.close()
 
-    async def usable(self, request: dict) -> str | None:
-        """None when this session may serve the request (started over first when its file
-        changed to what the caller has, or a host of the call failed a while ago); else why not."""
+    def usable(self, request: dict) -> tuple[str | None, str | None]:
+        """(why this session may not serve the request, or None; why it must start over first,
+        or None): its file changed to what the caller has, or a host of the call failed a
+        while ago."""
         if self.cluster is None:
-            return "the session is starting over"
+            return "the session is starting over", None
         if request.get("digest") != self.content:
             try:
                 now = wire.digest(Path(self.path).read_bytes())
             except OSError as exc:
-                return f"cannot read {self.path}: {exc.strerror}"
+                return f"cannot read {self.path}: {exc.strerror}", None
             if now != request.get("digest"):
-                return f"the session serves another content of {self.path}"
+                return f"the session serves another content of {self.path}", None
             if self.calls:
-                return f"{self.path} changed; the session starts over once its calls are done"
-            await self.reload(f"{self.path} changed")
-            return None
+                return f"{self.path} changed; the session starts over once its calls are done", None
+            return None, f"{self.path} changed"
         hosts = set(request.get("hosts") or ())
         known = {s.name for s in self.cluster.states}
         if not hosts <= known:
-            return f"the session has no host {sorted(hosts - known)[0]!r}"
+            return f"the session has no host {sorted(hosts - known)[0]!r}", None
         failed = [s for s in self.cluster.states if s.name in hosts and s.error is not None]
         if failed and not self.calls and time.monotonic() - self.restarted > RETRY_FAILED:
-            await self.reload(f"host {failed[0].name} failed; trying it again")
-        return None
+            return None, f"host {failed[0].name} failed; trying it again"
+        return None, None
 
     async def run(self, request: dict, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         assert self.cluster is not None
