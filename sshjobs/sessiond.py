@@ -238,7 +238,7 @@ class Session:
         feed = None
         if items is None:
             queue: asyncio.Queue = asyncio.Queue(ITEMS_AHEAD)
-            feed = asyncio.ensure_future(_read_items(reader, queue))
+            feed = asyncio.ensure_future(_read_items(reader, queue, asyncio.current_task()))
             items = _items(queue)
         kw = request.get("kwargs", {})
         run = await view._start_map(request["fn"], items, progress=False, **kw)
@@ -353,16 +353,19 @@ async def _items(queue: asyncio.Queue):
             yield item
 
 
-async def _read_items(reader: asyncio.StreamReader, queue: asyncio.Queue) -> None:
+async def _read_items(reader: asyncio.StreamReader, queue: asyncio.Queue, map_task: asyncio.Task) -> None:
+    """The caller's items onto ``queue``, then its hang-up: once it closes the connection
+    (Ctrl-C, an imap left early) the map is cancelled, which kills its jobs."""
     try:
         while True:
             message = await _read(reader)
             await queue.put(message)
             if message[0] == "end":
-                return
-    except (EOFError, asyncio.IncompleteReadError, ConnectionError) as exc:
-        # the caller hung up before its input ended: the map is cancelled
-        await queue.put(("end", asyncio.CancelledError(f"the caller hung up: {exc}")))
+                break
+        await reader.read(1)  # nothing more comes but the end of the connection
+    except (EOFError, asyncio.IncompleteReadError, ConnectionError):
+        pass
+    map_task.cancel()
 
 
 async def _send_all(writer: asyncio.StreamWriter, out: asyncio.Queue, work: asyncio.Future) -> None:

@@ -289,3 +289,29 @@ def test_another_user_cannot_reach_the_session(lab, invfile, runtime, root):
         folder.chmod(0o700)
         sock.chmod(0o600)
     assert status(invfile, runtime)["pid"] == s["pid"]
+
+
+@pytest.mark.parametrize("source", ["range", "generator"])
+def test_leaving_an_imap_early_ends_its_remote_jobs(lab, invfile, runtime, shared, source):
+    up(invfile, runtime)
+    script = textwrap.dedent(f'''
+        import os, time
+        from sshjobs import Inventory
+
+        def job(i):
+            import os, time
+            open(os.path.join({str(shared)!r}, f"{{i}}.start"), "w").close()
+            time.sleep(0.1 if i == 0 else 4)
+            open(os.path.join({str(shared)!r}, f"{{i}}.end"), "w").close()
+            return i
+
+        items = range(20) if {source!r} == "range" else (i for i in range(20))
+        for r in Inventory.load({str(invfile)!r}).imap(job, items):
+            assert r.value == 0
+            break
+    ''')
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=runtime, timeout=60)
+    assert p.returncode == 0, p.stderr
+    time.sleep(5)
+    assert {f.name for f in shared.glob("*.end")} == {"0.end"}  # the rest were killed, not left to finish
+    assert status(invfile, runtime)["running"] == 0
