@@ -18,7 +18,7 @@ from .args import map_args, seconds
 from .events import Callback
 from .inventory import BaseInventory
 from .result import Result
-from .session import Client, Stale
+from .session import Client, Stale, local_lines
 
 if TYPE_CHECKING:
     from .cluster import Cluster
@@ -268,23 +268,15 @@ class Inventory(BaseInventory):
         (``trace``: write the run to this file, see ``Cluster``)."""
         client = self._session(trace)
         if client is not None:
-            from .pickling import Shipped, dumps
-
-            timeout = seconds("timeout", timeout)
             try:
-                shipped, body = Shipped(fn), dumps((args, kwargs))
-            except Exception:  # a direct run reports it, as Results
-                client = None
-            if client is not None:
-                try:
-                    results = client.call("_gather", shipped, shipped.data, body, timeout, _lines(requirements),
-                                          safe_results, False, on_event=on_event)
-                except Stale:
-                    pass
-                else:
-                    if progress:
-                        _bar("gather", len(results), [results])
-                    return results
+                results = client.gather(fn, args, kwargs, timeout=seconds("timeout", timeout),
+                                        requirements=requirements, safe_results=safe_results, on_event=on_event)
+            except Stale:
+                pass
+            else:
+                if progress:
+                    list(_counted([results], len(results), "gather"))
+                return results
         return run_sync(self, lambda c: c.gather(fn, *args, timeout=timeout, requirements=requirements,
                                                  safe_results=safe_results, progress=progress, **kwargs),
                         on_event=on_event, trace=trace)
@@ -338,7 +330,7 @@ class Inventory(BaseInventory):
         client = self._session()
         if client is not None:
             try:
-                results, installed = client.call("install", _lines(requirements), offline=offline, uv=uv,
+                results, installed = client.call("install", local_lines(requirements), offline=offline, uv=uv,
                                                  on_event=on_event)
             except Stale:
                 pass
@@ -406,21 +398,8 @@ class Inventory(BaseInventory):
         client = self._session(trace)
         if client is None:
             return None
-        from .pickling import Shipped
-
-        identity = None
-        if kw.get("journal") is not None:
-            from .journal import function_identity
-
-            identity = function_identity(fn)
-            kw["journal"] = os.path.abspath(kw["journal"])
         try:
-            shipped = Shipped(fn, identity)
-        except Exception:  # a direct run reports it, as Results
-            return None
-        kw["requirements"] = _lines(kw.get("requirements"))
-        try:
-            batches = client.imap(shipped, iterable, on_event=on_event, **kw)
+            batches = client.imap(fn, iterable, on_event=on_event, **kw)
         except Stale:
             return None
         if progress:
@@ -429,30 +408,11 @@ class Inventory(BaseInventory):
         return batches
 
 
-def _lines(requirements: Any) -> Any:
-    """Requirements as the session reads them: a requirements file's lines read here (its
-    path is this process's), anything else as given."""
-    if isinstance(requirements, (str, PathLike)) and os.path.isfile(requirements):
-        with open(requirements, encoding="utf-8") as f:
-            return f.read().splitlines()
-    return requirements
-
-
-def _bar(what: str, total: int | None, batches: Iterable[list[Result]]) -> None:
+def _counted(batches: Iterable[list[Result]], total: int | None, what: str = "map") -> Iterator[list[Result]]:
+    """The batches, counted on a progress bar as they pass."""
     from .progress import Progress
 
     bar = Progress(what, total)
-    try:
-        for batch in batches:
-            bar.update(batch)
-    finally:
-        bar.close()
-
-
-def _counted(batches: Iterator[list[Result]], total: int | None) -> Iterator[list[Result]]:
-    from .progress import Progress
-
-    bar = Progress("map", total)
     try:
         for batch in batches:
             bar.update(batch)

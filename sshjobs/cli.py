@@ -332,13 +332,24 @@ class HostsSeen:
 Via = Callable[["Client", Callable, list], Any]
 
 
-def session_client(inv: Inventory, opts: Options) -> Client | None:
-    """The client of the session `sshjobs up` keeps for this inventory, unless --no-session."""
+def through_session(inv: Inventory, opts: Options, progress: Progress, call: Callable[[Client, Callable | None], Any]
+                    ) -> tuple[Any] | tuple[()]:
+    """``(call(client, on_event),)`` under the live display, through the session `sshjobs up`
+    keeps for this inventory; ``()`` when there is none to serve it (or --no-session): run directly."""
     if opts.no_session:
-        return None
-    from .session import find
+        return ()
+    from .session import Stale, find
 
-    return find(inv)
+    client = find(inv)
+    if client is None:
+        return ()
+    # events feed the live display and -v's logs: without either, the session sends none
+    hear = progress.event if progress.console is not None or opts.verbose else None
+    try:
+        with progress:
+            return (call(client, hear),)
+    except Stale:
+        return ()
 
 
 def run_cluster(inv: Inventory, opts: Options, work: Callable[[Cluster], Awaitable[Any]], *, title: str,
@@ -351,22 +362,13 @@ def run_cluster(inv: Inventory, opts: Options, work: Callable[[Cluster], Awaitab
     from .display import Progress
     console = opts.console() if not opts.quiet else None
     progress = Progress([h.name for h in inv], console=console, title=title)
-    client = session_client(inv, opts) if via is not None and offline is None and trace is None else None
-    if client is not None:
-        from .session import Stale
-
+    if via is not None and offline is None and trace is None:
         infos: list[dict] = []
-        # events feed the live display and -v's logs: without either, the session sends none
-        hear = progress.event if console is not None or opts.verbose else None
-        try:
-            with progress:
-                value = via(client, hear, infos)
-        except Stale:
-            pass  # no session serves it after all: run directly
-        else:
+        served = through_session(inv, opts, progress, lambda client, hear: via(client, hear, infos))
+        if served:
             if seen is not None:
                 seen.append(HostsSeen.of(infos))
-            return value
+            return served[0]
     from .api import run_sync
 
     async def shown(cluster: Cluster) -> Any:
@@ -460,11 +462,8 @@ def run(target, args, packages, requirement_files, offline, trace, **kw):
         return await cluster.gather(fn, *values, timeout=opts.timeout, **extra)
 
     def via(client: Client, on_event, seen: list) -> list[Result]:
-        from .pickling import Shipped, dumps
-
-        shipped = Shipped(fn)
-        return client.call("_gather", shipped, shipped.data, dumps((values, {})), opts.timeout, reqs or None, None,
-                           False, on_event=on_event, seen=seen)
+        return client.gather(fn, tuple(values), {}, timeout=opts.timeout, requirements=reqs or None, safe_results=None,
+                             on_event=on_event, seen=seen)
 
     return run_jobs(inv, opts, work, title=f"run {target}", offline=offline, trace=trace, via=via)
 
@@ -537,17 +536,9 @@ def map_cmd(target, count, args_file, retries, journal, fresh, packages, require
             failure.append(exc)
 
     def via(client: Client, on_event, seen: list) -> None:
-        from .pickling import Shipped
-
-        identity = None
-        if journal is not None:
-            from .journal import function_identity
-
-            identity = function_identity(fn)
-        batches = client.imap(Shipped(fn, identity), items, on_event=on_event, seen=seen, streaming=streaming,
-                              ordered=True, chunksize=None, timeout=opts.timeout, retries=retries,
-                              requirements=reqs or None, journal=journal and os.path.abspath(journal),
-                              resume=not fresh, safe_results=None)
+        batches = client.imap(fn, items, on_event=on_event, seen=seen, streaming=streaming, ordered=True,
+                              chunksize=None, timeout=opts.timeout, retries=retries, requirements=reqs or None,
+                              journal=journal, resume=not fresh, safe_results=None)
         try:
             for batch in batches:
                 stream.add(batch)
@@ -749,18 +740,10 @@ def exec_cmd(command, **kw):
     line = command[0] if len(command) == 1 else shlex.join(command)
     console = opts.console() if not opts.quiet else None
     progress = Progress([h.name for h in inv], console=console, title=f"exec {line}")
-    rows = None
-    client = session_client(inv, opts)
-    if client is not None:  # the session's connections: no connect, no worker
-        from .session import Stale
-
-        try:
-            with progress:
-                rows = client.exec(line, opts.timeout,
-                                   on_event=progress.event if console is not None or opts.verbose else None)
-        except Stale:
-            pass
-    if rows is None:
+    served = through_session(inv, opts, progress, lambda client, hear: client.exec(line, opts.timeout, on_event=hear))
+    if served:
+        rows = served[0]
+    else:
         from .api import run_loop
 
         async def go():
@@ -781,7 +764,7 @@ def exec_cmd(command, **kw):
 
 async def _exec_one(host, line: str, timeout: float | None, sem: asyncio.Semaphore, progress: Progress) -> dict:
     from . import events
-    from .connection import HostLink, run_line
+    from .connection import HostLink, exec_row, run_line
 
     t0 = time.perf_counter()
     async with sem:
@@ -790,8 +773,9 @@ async def _exec_one(host, line: str, timeout: float | None, sem: asyncio.Semapho
             link = await HostLink.open(host)
         except ConnectError as exc:
             progress.event(host.name, events.FAILED, {"error": exc.kind, "message": exc.message})
-            return {"host": host.name, "ok": False, "exit_status": None, "stdout": "", "stderr": "",
-                    "error": f"{exc.kind}: {exc.message}", "duration": time.perf_counter() - t0}
+            row = exec_row(host.name, None, timeout, f"{exc.kind}: {exc.message}")
+            row["duration"] = time.perf_counter() - t0
+            return row
     progress.event(host.name, events.RUNNING, {"jobs": 1, "job": 0})
     try:
         row = await run_line(link, host.name, line, timeout)
@@ -1079,12 +1063,11 @@ def up(inventory, idle, start_timeout):
     from .inventory import BaseInventory
 
     path = _inventory_file(inventory)
-    BaseInventory.load(path)  # an inventory error is told here, not in the session's log
+    inv = BaseInventory.load(path)  # an inventory error is told here, not in the session's log
     seconds = parse_duration(idle)
     status = session.ask(path)
     if status is not None:
-        content = session.digest(Path(path).read_bytes())
-        if status["content"] == content:
+        if status["content"] == inv.file[1]:
             click.echo(f"session for {path} already up (pid {status['pid']}): {_hosts_line(status)}")
             return EXIT_OK
         click.echo(f"session for {path} serves an older content of the file: starting it over", err=True)

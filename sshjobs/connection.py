@@ -388,19 +388,25 @@ def env_prefix(env: dict[str, str]) -> str:
     return "env " + " ".join(shlex.quote(f"{k}={v}") for k, v in env.items()) + " "
 
 
-async def run_line(link: HostLink, name: str, line: str, timeout: float | None) -> dict:
-    """``sshjobs exec``'s row of one host: ``line`` run on ``link``, its exit status, output
-    and error (a timeout, a signal, the connection lost)."""
-    row: dict = {"host": name, "ok": False, "exit_status": None, "stdout": "", "stderr": "", "error": None,
+def exec_row(name: str, done: Completed | None, timeout: float | None, error: str | None = None) -> dict:
+    """``sshjobs exec``'s row of one host: what its command left (``done``: exit status, output,
+    a timeout, a signal), or why it did not run (``error``)."""
+    row: dict = {"host": name, "ok": False, "exit_status": None, "stdout": "", "stderr": "", "error": error,
                  "duration": 0.0}
-    try:
-        done = await link.exec(line, timeout)
+    if done is not None:
         row.update(exit_status=done.exit_status, stdout=done.stdout, stderr=done.stderr)
         if done.timed_out:
             row["error"] = f"Timeout: the command did not finish within {timeout:g}s"
         elif done.signal:
             row["error"] = f"killed by signal {done.signal}"
-    except (asyncssh.Error, OSError) as exc:
-        row["error"] = f"HostLost: {link.host.target}: {exc}"
     row["ok"] = row["exit_status"] == 0 and row["error"] is None
     return row
+
+
+async def run_line(link: HostLink, name: str, line: str, timeout: float | None) -> dict:
+    """The exec row of ``line`` run on ``link`` (see ``exec_row``)."""
+    try:
+        done = await link.exec(line, timeout)
+    except (asyncssh.Error, OSError) as exc:
+        return exec_row(name, None, timeout, f"HostLost: {link.host.target}: {exc}")
+    return exec_row(name, done, timeout)

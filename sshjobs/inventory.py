@@ -120,6 +120,11 @@ def _type_name(value: Any) -> str:
             list: "an array", dict: "a table"}.get(type(value), type(value).__name__)
 
 
+def content_digest(data: bytes) -> str:
+    """What tells one content of an inventory file from another (a session serves one)."""
+    return hashlib.sha256(data).hexdigest()
+
+
 class BaseInventory:
     """An ordered set of hosts, parsed and checked; nothing here contacts a host.
     ``sshjobs.Inventory`` adds the verbs that run jobs on them."""
@@ -156,7 +161,7 @@ class BaseInventory:
         except tomllib.TOMLDecodeError as exc:
             raise InventoryError(f"{where}: TOML syntax error: {exc}") from None
         inv = cls.from_dict(data, source=where, base=path.resolve().parent)
-        inv.file = (os.path.realpath(path), hashlib.sha256(raw).hexdigest())
+        inv.file = (os.path.realpath(path), content_digest(raw))
         inv.session = session
         return inv
 

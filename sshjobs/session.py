@@ -74,11 +74,6 @@ def socket_path(inventory_file: str | os.PathLike, create: bool = False) -> Path
     return session_dir(create) / f"{key(inventory_file)}.sock"
 
 
-def digest(data: bytes) -> str:
-    """What a session compares to tell the same inventory content."""
-    return hashlib.sha256(data).hexdigest()
-
-
 # -- the wire: a length, then a pickle --------------------------------------------------------
 def send(sock: socket.socket, message: Any) -> None:
     data = pickle.dumps(message, protocol=5)
@@ -166,57 +161,80 @@ class Client:
     def call(self, method: str, *args: Any, on_event: Callable | None = None, seen: list | None = None,
              **kwargs: Any) -> Any:
         """``cluster.METHOD(*args, **kwargs)`` in the session, on this inventory's hosts; its value.
-        ``seen`` receives, per host, (name, its error or None, whether it is up)."""
-        sock = self._open({"op": "call", "method": method, "args": args, "kwargs": kwargs,
-                           "events": on_event is not None})
+        ``seen`` receives each host's ``HostState.info()`` after the call."""
+        return self._ask({"op": "call", "method": method, "args": args, "kwargs": kwargs}, on_event, seen)
+
+    def gather(self, fn: Callable, args: tuple, kwargs: dict, *, timeout: float | None, requirements: Any,
+               safe_results: Any, on_event: Callable | None = None, seen: list | None = None) -> list:
+        """``cluster.gather(fn, *args, **kwargs)`` in the session, ``fn`` and its arguments pickled
+        here; Stale when they do not pickle (a direct run reports that, as Results)."""
+        from .pickling import Shipped, dumps
+
         try:
-            return self._replies(sock, on_event, seen)
-        finally:
-            sock.close()
+            shipped, body = Shipped(fn), dumps((args, kwargs))
+        except Exception as exc:
+            raise Stale(f"the call does not pickle: {exc!r}") from None
+        return self.call("_gather", shipped, shipped.data, body, timeout, local_lines(requirements), safe_results,
+                         False, on_event=on_event, seen=seen)
 
     def exec(self, line: str, timeout: float | None, on_event: Callable | None = None) -> list[dict]:
-        """A shell command on every host, on the session's connections: one row per host."""
-        sock = self._open({"op": "exec", "line": line, "timeout": timeout, "events": on_event is not None})
-        try:
-            return self._replies(sock, on_event, None)
-        finally:
-            sock.close()
+        """A shell command on every host, from the session's workers: one row per host."""
+        return self._ask({"op": "exec", "line": line, "timeout": timeout}, on_event, None)
 
-    def imap(self, fn: Any, items: Iterable, *, on_event: Callable | None = None, seen: list | None = None,
+    def imap(self, fn: Callable, items: Iterable, *, on_event: Callable | None = None, seen: list | None = None,
              streaming: bool = False, **kwargs: Any) -> Iterator[list]:
-        """A map's Results in batches, as the session's MapRun hands them out (the call is
-        sent now: Stale here, not at the first batch).  A ``range`` goes whole; other input
-        is read here, in a thread, and sent as the session asks for it (``streaming``: item
-        by item, for a source that waits for its lines).  Closing the iterator cancels the map."""
+        """A map's Results in batches, as the session's MapRun hands them out (``kwargs``: those of
+        ``Cluster._start_map``).  The call is sent now: Stale here (also when ``fn`` does not
+        pickle), not at the first batch.  A ``range`` goes whole; other input is read here, in a
+        thread, and sent as the session asks for it (``streaming``: item by item, for a source
+        that waits for its lines).  Closing the iterator cancels the map."""
+        from .pickling import Shipped
+
+        identity = None
+        if kwargs.get("journal") is not None:  # the journal is the session's to write, checked as here
+            from .journal import function_identity
+
+            identity = function_identity(fn)
+            kwargs["journal"] = os.path.abspath(kwargs["journal"])
+        try:
+            shipped = Shipped(fn, identity)
+        except Exception as exc:
+            raise Stale(f"the function does not pickle: {exc!r}") from None
+        kwargs["requirements"] = local_lines(kwargs.get("requirements"))
         whole = items if isinstance(items, range) else None
-        sock = self._open({"op": "map", "fn": fn, "items": whole, "kwargs": kwargs, "events": on_event is not None})
+        sock = self._open({"op": "map", "fn": shipped, "items": whole, "kwargs": kwargs,
+                           "events": on_event is not None})
         if whole is None:
             threading.Thread(target=_feed, args=(sock, items, streaming), name="sshjobs-items", daemon=True).start()
         return self._batches(sock, on_event, seen)
 
-    def _batches(self, sock: socket.socket, on_event: Callable | None, seen: list | None) -> Iterator[list]:
+    def _ask(self, request: dict, on_event: Callable | None, seen: list | None) -> Any:
+        sock = self._open({**request, "events": on_event is not None})
         try:
-            while True:
-                kind, *rest = recv(sock)
-                if kind == "batch":
-                    yield rest[0]
-                elif kind == "event":
-                    if on_event is not None:
-                        on_event(*rest)
-                else:
-                    _done(kind, rest, seen)
-                    return
+            return _done(*_reply(sock, on_event), seen)
         finally:
             sock.close()
 
-    def _replies(self, sock: socket.socket, on_event: Callable | None, seen: list | None) -> Any:
-        while True:
-            kind, *rest = recv(sock)
-            if kind == "event":
-                if on_event is not None:
-                    on_event(*rest)
-            else:
-                return _done(kind, rest, seen)
+    def _batches(self, sock: socket.socket, on_event: Callable | None, seen: list | None) -> Iterator[list]:
+        try:
+            while True:
+                kind, rest = _reply(sock, on_event)
+                if kind != "batch":
+                    _done(kind, rest, seen)
+                    return
+                yield rest[0]
+        finally:
+            sock.close()
+
+
+def _reply(sock: socket.socket, on_event: Callable | None) -> tuple[str, list]:
+    """The next message that is not an event, the events before it handed to ``on_event``."""
+    while True:
+        kind, *rest = recv(sock)
+        if kind != "event":
+            return kind, rest
+        if on_event is not None:
+            on_event(*rest)
 
 
 def _done(kind: str, rest: list, seen: list | None) -> Any:
@@ -226,6 +244,15 @@ def _done(kind: str, rest: list, seen: list | None) -> Any:
     if seen is not None:
         seen.extend(hosts)
     return value
+
+
+def local_lines(requirements: Any) -> Any:
+    """Requirements as the session reads them: a requirements file's lines read here (its
+    path is this process's), anything else as given."""
+    if isinstance(requirements, (str, os.PathLike)) and os.path.isfile(requirements):
+        with open(requirements, encoding="utf-8") as f:
+            return f.read().splitlines()
+    return requirements
 
 
 def _feed(sock: socket.socket, items: Iterable, streaming: bool) -> None:

@@ -30,7 +30,9 @@ import cloudpickle
 from . import session as wire
 from .api import Inventory, use_lean_executor
 from .cluster import Cluster
+from .connection import Completed, exec_row
 from .errors import SessionError, SshjobsError
+from .inventory import content_digest
 from .log import configure, get_logger
 from .requirements import merge_requirements
 
@@ -69,11 +71,10 @@ class Session:
 
     # -- the Cluster ---------------------------------------------------------------------
     async def load(self) -> None:
-        data = Path(self.path).read_bytes()
         inventory = Inventory.load(self.path)
         use_lean_executor(inventory)
         cluster = Cluster(inventory)
-        self.content = wire.digest(data)
+        self.content = inventory.file[1]  # Inventory.load: the file and its content digest
         self.cluster = cluster
         self.restarted = time.monotonic()
         await cluster.start()
@@ -103,7 +104,7 @@ class Session:
         states = self.cluster.states if self.cluster is not None else []
         idle = 0.0 if self.calls else time.monotonic() - self.last
         try:
-            stale = wire.digest(Path(self.path).read_bytes()) != self.content
+            stale = content_digest(Path(self.path).read_bytes()) != self.content
         except OSError:
             stale = True
         return {"pid": os.getpid(), "inventory": self.path, "content": self.content, "stale": stale,
@@ -157,7 +158,7 @@ class Session:
             return "the session is starting over", None
         if request.get("digest") != self.content:
             try:
-                now = wire.digest(Path(self.path).read_bytes())
+                now = content_digest(Path(self.path).read_bytes())
             except OSError as exc:
                 return f"cannot read {self.path}: {exc.strerror}", None
             if now != request.get("digest"):
@@ -313,27 +314,25 @@ SHELL_LINE = _shell_job()
 
 async def _exec(session: Session, view: Cluster, request: dict) -> list[dict]:
     """``sshjobs exec`` on the session's warm workers (no channel, no login per host): each
-    host's row, in inventory order, as ``connection.run_line`` gives it."""
+    host's row, in inventory order (``connection.exec_row``)."""
     line, timeout = request["line"], request.get("timeout")
     t0 = time.perf_counter()
     # the job kills the command at its timeout itself; the gather's own is a backstop
     results = await view.gather(SHELL_LINE, line, timeout, timeout=None if timeout is None else timeout + 10)
     rows = []
     for r in results:
-        row: dict = {"host": r.host, "ok": False, "exit_status": None, "stdout": "", "stderr": "", "error": None,
-                     "duration": r.duration or time.perf_counter() - t0}
         if not r.ok:
-            row["error"] = f"{r.error.type}: {r.error.message}" if r.error else "failed"
+            row = exec_row(r.host, None, timeout, f"{r.error.type}: {r.error.message}" if r.error else "failed")
         else:
-            status, row["stdout"], row["stderr"], timed_out = r.value
+            status, stdout, stderr, timed_out = r.value
             if timed_out:
-                row["error"] = f"Timeout: the command did not finish within {timeout:g}s"
+                done = Completed(None, stdout, stderr, None, timed_out=True)
             elif status < 0:  # as over SSH: exit status -1 and the signal's name
-                row["exit_status"] = -1
-                row["error"] = f"killed by signal {signal.Signals(-status).name[3:]}"
+                done = Completed(-1, stdout, stderr, signal.Signals(-status).name[3:])
             else:
-                row["exit_status"] = status
-        row["ok"] = row["exit_status"] == 0 and row["error"] is None
+                done = Completed(status, stdout, stderr, None)
+            row = exec_row(r.host, done, timeout)
+        row["duration"] = r.duration or time.perf_counter() - t0
         rows.append(row)
     session.jobs += len(rows)
     return rows

@@ -190,6 +190,11 @@ def test_the_api_uses_the_session_without_importing_ssh(lab, invfile, runtime, j
     slow = inv.gather(lambda: __import__("time").sleep(5), timeout=0.3)
     assert [r.error.type for r in slow] == ["Timeout"] * 10
     assert status(invfile, runtime)["calls"] == 5
+    import threading
+
+    lock = threading.Lock()
+    unpicklable = inv.gather(lambda: lock)  # reported as Results, as a direct run does
+    assert [r.error.type for r in unpicklable] == ["PicklingError"] * 10
 
 
 def test_a_killed_session_leaves_nothing_on_the_hosts_and_commands_run_directly(lab, invfile, runtime, jobs):
