@@ -2,8 +2,10 @@
 
 Each start is what the controller does on a host: ``python3 -c STUB``, the worker bundle
 and a CONFIG frame on stdin, HELLO back, stdin closed, the worker exits.  Measured: the
-child's user+sys CPU (wait4), ``--n`` times each with the code cache warm and cold (its
-``<workdir>/code`` removed first), against ``python3 -c pass``.  With ``--valgrind``: the
+child's user+sys CPU (wait4), ``--n`` times each: with the controller's compiled code
+shipped (a host of the same Python, every start's case), with sources only and the host's
+code cache warm, and with sources only and no cache (its ``<workdir>/code`` removed
+first, so the host compiles), against ``python3 -c pass``.  With ``--valgrind``: the
 instructions valgrind counts, a figure the other loads of a shared machine do not move.
 """
 
@@ -50,22 +52,25 @@ def main() -> None:
     workdir = tempfile.mkdtemp(prefix="sshjobs-bench-start-")
     try:
         config = {"cloudpickle": cloudpickle.__version__, "workdir": workdir}
-        start = WORKER.start(workdir) + protocol.pack(protocol.CONFIG, 0, pickle.dumps(config, protocol=4))
+        frame = protocol.pack(protocol.CONFIG, 0, pickle.dumps(config, protocol=4))
+        shipped, sources = WORKER.start(workdir) + frame, WORKER.start(workdir, compiled=False) + frame
         worker = [args.python, "-c", STUB]
         # the first start gets cloudpickle's source and caches it: later ones find it
-        _child(worker, start + protocol.pack(protocol.MODULES, 0, pickle.dumps(_cloudpickle_sources())), False)
-        runs: dict[str, list[float]] = {"pass": [], "warm": [], "cold": []}
+        _child(worker, sources + protocol.pack(protocol.MODULES, 0, pickle.dumps(_cloudpickle_sources())), False)
+        runs: dict[str, list[float]] = {"pass": [], "shipped": [], "cached": [], "compile": []}
         for _ in range(args.n):
             runs["pass"].append(_child([args.python, "-c", "pass"], b"", args.valgrind))
-            runs["warm"].append(_child(worker, start, args.valgrind))
-            shutil.rmtree(os.path.join(workdir, "code"))
-            runs["cold"].append(_child(worker, start, args.valgrind))
+            runs["shipped"].append(_child(worker, shipped, args.valgrind))
+            runs["cached"].append(_child(worker, sources, args.valgrind))
+            shutil.rmtree(os.path.join(workdir, "code"), ignore_errors=True)
+            runs["compile"].append(_child(worker, sources, args.valgrind))
         unit = "M instructions" if args.valgrind else "ms CPU"
         base = statistics.median(runs["pass"])
-        print(f"{args.python}, {args.n} starts each, median {unit} (worker bundle {len(start)} bytes)")
+        print(f"{args.python}, {args.n} starts each, median {unit} (worker bundle {len(shipped)} bytes with its"
+              f" code, {len(sources)} without)")
         for name, values in runs.items():
             extra = "" if name == "pass" else f"  ({statistics.median(values) - base:+.2f} over pass)"
-            print(f"  {name:5s} {statistics.median(values):7.2f}{extra}")
+            print(f"  {name:7s} {statistics.median(values):7.2f}{extra}")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator
 
 import click
 
+from . import sshimport
 from .version import __version__
 from .errors import (AuthenticationError, ConfigError, ConnectError, HostError, HostKeyError, InventoryError,
                      UsageError)
@@ -1263,6 +1264,7 @@ def lab_down(directory):
 
 # -- entry point ----------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
+    sshimport.own_process()
     try:
         code = cli.main(args=argv, prog_name="sshjobs", standalone_mode=False)
     except click.exceptions.Exit as exc:

@@ -1,4 +1,5 @@
-"""``import asyncssh`` without the subprocesses of its liboqs probe.
+"""``import asyncssh`` without the subprocesses of its liboqs probe, and with the cyclic GC
+paused while it runs.
 
 asyncssh's ``crypto/pq.py`` looks for the optional liboqs (post-quantum sntrup761) with
 ``ctypes.util.find_library('oqs')``, then ``('liboqs')``.  On Linux each lookup that
@@ -11,16 +12,21 @@ find_library's would be.  One there: find_library itself answers, so an installe
 is found and used exactly as before.
 
 Installed by ``sshjobs/__init__.py`` (which runs before any module that imports
-asyncssh) as a finder on ``sys.meta_path`` that acts on ``asyncssh.crypto.pq`` alone and
-then leaves.  Imports nothing of sshjobs; costs nothing until asyncssh is imported.
+asyncssh) as a finder on ``sys.meta_path`` that acts on ``sshjobs.cluster``, ``asyncssh``
+and ``asyncssh.crypto.pq`` alone and then leaves.  Imports nothing of sshjobs; costs nothing
+until asyncssh is imported.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
+# imports run with the cyclic GC paused: asyncssh, and sshjobs' SSH layers, which import it
+PAUSED = ("asyncssh", "sshjobs.cluster")
 MODULE = "asyncssh.crypto.pq"
+_LINUX = sys.platform.startswith("linux")
 NAMES = ("oqs", "liboqs")
 LIB_DIRS = ("/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib", "/usr/local/lib64")
 
@@ -48,10 +54,12 @@ def may_exist(name: str) -> bool:
 
 
 class _Loader:
-    """The real loader of asyncssh.crypto.pq, with the quick lookup in place while it runs."""
+    """The real loader of asyncssh (the cyclic GC paused while it runs) or of
+    asyncssh.crypto.pq (the quick lookup in place while it runs)."""
 
-    def __init__(self, loader):
+    def __init__(self, loader, quick_lookup: bool):
         self.loader = loader
+        self.quick_lookup = quick_lookup
 
     def __getattr__(self, name):
         return getattr(self.loader, name)
@@ -60,6 +68,25 @@ class _Loader:
         return self.loader.create_module(spec)
 
     def exec_module(self, module):
+        if self.quick_lookup:
+            self._with_quick_lookup(module)
+            return
+        if not _freeze:
+            self.loader.exec_module(module)
+            return
+        # asyncssh and cryptography make ~100,000 objects that all outlive the import: the
+        # ~80 collections they trigger find no garbage among them (~10 ms of a command's
+        # ~200 ms import), and a later one would scan them all again.
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            self.loader.exec_module(module)
+        finally:
+            gc.freeze()
+            if enabled:
+                gc.enable()
+
+    def _with_quick_lookup(self, module):
         import ctypes.util
 
         real = ctypes.util.find_library
@@ -78,24 +105,47 @@ class _Loader:
 
 
 class Finder:
-    """On sys.meta_path until asyncssh.crypto.pq is imported; None for every other name."""
+    """On sys.meta_path until asyncssh (and, on Linux, asyncssh.crypto.pq) is imported;
+    None for every other name.  The spec is the one the other finders give, its loader
+    wrapped."""
 
     @classmethod
     def find_spec(cls, name, path=None, target=None):
-        if name != MODULE:
+        if name in PAUSED:
+            quick_lookup = False
+            if not _LINUX and name == "asyncssh":
+                uninstall()
+        elif name == MODULE:
+            quick_lookup = True
+            uninstall()
+        else:
             return None
-        uninstall()
-        from importlib.machinery import PathFinder
+        for finder in sys.meta_path:
+            if finder is cls or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                if hasattr(spec.loader, "exec_module"):
+                    spec.loader = _Loader(spec.loader, quick_lookup)
+                return spec
+        return None
 
-        spec = PathFinder.find_spec(name, path, target)
-        if spec is not None and hasattr(spec.loader, "exec_module"):
-            spec.loader = _Loader(spec.loader)
-        return spec
+
+_freeze = False
+
+
+def own_process() -> None:
+    """This process is an sshjobs command: the imports of the SSH layers run with the
+    cyclic GC paused and then freeze what the process holds (``gc.freeze``), which no
+    collection need scan again.  Not for a library's caller, whose objects would be frozen
+    too."""
+    global _freeze
+    _freeze = True
 
 
 def install() -> None:
-    """Put the finder in place (Linux only: elsewhere find_library spawns nothing)."""
-    if sys.platform.startswith("linux") and MODULE not in sys.modules and Finder not in sys.meta_path:
+    """Put the finder in place, before anything imports asyncssh."""
+    if "asyncssh" not in sys.modules and Finder not in sys.meta_path:
         sys.meta_path.insert(0, Finder)
 
 

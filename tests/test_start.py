@@ -1,5 +1,6 @@
-"""The command's own start: --version and --help import no asyncssh, and asyncssh's
-import spawns no subprocess to learn that liboqs is absent."""
+"""The command's own start: --version and --help import no asyncssh, asyncssh's import
+spawns no subprocess to learn that liboqs is absent, and a command (not a library's
+caller) imports the SSH layers without cyclic collections and freezes them."""
 
 from __future__ import annotations
 
@@ -68,3 +69,34 @@ def test_a_liboqs_where_find_library_looks_is_left_to_find_library(tmp_path):
     (tmp_path / "liboqs.so.5").write_bytes(b"not a shared object")
     got = probe("import sshjobs.connection", env={"LD_LIBRARY_PATH": str(tmp_path)})
     assert [cmd for cmd, asker in got["spawned"] if asker == ["pq.py"]], "find_library was not consulted"
+
+
+def _gc_after_import(own: bool) -> dict:
+    code = f"""
+import gc, json, sys
+import sshjobs, sshjobs.sshimport as s
+{"s.own_process()" if own else ""}
+count = [0]
+gc.callbacks.append(lambda phase, info: phase == "start" and count.__setitem__(0, count[0] + 1))
+import sshjobs.cluster
+during = count[0]
+print(json.dumps({{"enabled": gc.isenabled(), "frozen": gc.get_freeze_count(), "during": during,
+                   "finder_left": s.Finder not in sys.meta_path}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_command_imports_the_ssh_layers_without_collections_and_freezes_them():
+    got = _gc_after_import(own=True)
+    assert got["enabled"] and got["finder_left"]
+    assert got["during"] == 0  # ~100 collections otherwise
+    assert got["frozen"] > 50_000
+
+
+def test_a_library_caller_keeps_its_gc_as_it_was():
+    got = _gc_after_import(own=False)
+    assert got["enabled"] and got["finder_left"]
+    assert got["frozen"] == 0  # the caller's objects are never frozen
+    assert got["during"] > 0
