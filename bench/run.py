@@ -41,6 +41,8 @@ FIGURES = {
     "warm_fanout": ("warm fan-out, 10 hosts", "s", False, lambda v, r: v <= 0.08, "<= 0.08 s"),
     "warm_requirements": ("warm fan-out, 10 hosts, requirements=[\"numpy\"] on python3", "s", False,
                           lambda v, r: v <= 0.07, "<= 0.07 s"),
+    "warm_execnet": ("warm fan-out, 10 hosts, requirements=[\"numpy\"] (baseline: execnet, gateways open,"
+                     " a remote_exec per job)", "s", False, lambda v, r: r is not None and r <= 1.1, "<= 1.1x execnet"),
     "submit": ("tiny jobs, 10,000 submits", "jobs/s", True, lambda v, r: v >= 25_000, ">= 25,000 jobs/s"),
     "map": ("tiny jobs, map over 1,000,000 ints", "items/s", True, lambda v, r: v >= 500_000, ">= 500,000 items/s"),
     "bulk_up": ("bulk 200 MB echo, up", "MB/s", True, lambda v, r: v >= 200, ">= 200 MB/s"),
@@ -221,13 +223,38 @@ async def warm_figures(inv, python: str, runs: Runs, n: int, expected: list) -> 
         await base.close()
 
 
-async def warm_requirements(inv, python: str, runs: Runs, n: int, expected: list) -> None:
+class Execnet:
+    """bench.execnet_peer in its own venv: execnet gateways to the hosts, held open."""
+
+    def __init__(self, inventory: Path, python: str, hosts: int):
+        from .execnet_peer import venv
+
+        self.proc = subprocess.Popen([str(venv(str(Path(sys.executable).parent / "uv"))), "-m", "bench.execnet_peer",
+                                      str(inventory), python, str(hosts)], cwd=ROOT, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("bench.execnet_peer did not start")
+
+    def fanout(self) -> dict:
+        self.proc.stdin.write("fanout\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+async def warm_requirements(inv, inventory: Path, python: str, runs: Runs, n: int, expected: list) -> None:
     """A session on the hosts' own python3 whose calls name their requirements, as a user's do:
-    ``cluster.map(eigen, range(10), requirements=["numpy"])`` again and again."""
+    ``cluster.map(eigen, range(10), requirements=["numpy"])`` again and again; beside it the
+    baseline's ``python -c`` per job and execnet's warm gateways (``inventory``'s hosts, the
+    bench venv's ``python`` on them)."""
     from . import jobs
     from .baseline import Baseline
 
     base = await Baseline(inv.hosts, python).connect()
+    peer = Execnet(inventory, python, len(inv))
     try:
         async with inv.connect() as cluster:
             for i in range(n + 1):  # run 0: the environment found, the workers in it
@@ -242,9 +269,14 @@ async def warm_requirements(inv, python: str, runs: Runs, n: int, expected: list
                 t_b = time.perf_counter() - t0
                 if not close_enough(vals, expected):
                     raise RuntimeError("baseline eigen results wrong")
+                e = peer.fanout()
+                if not close_enough(e["values"], expected):
+                    raise RuntimeError("execnet eigen results wrong")
                 if i:
                     runs.add_pair("warm_requirements", t_s, t_b)
+                    runs.add_pair("warm_execnet", t_s, e["seconds"])
     finally:
+        peer.close()
         await base.close()
 
 
@@ -400,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         if "warm" in only:
             asyncio.run(warm_figures(inv10, str(python), runs, n, expected))
             asyncio.run(warm_requirements(Inventory.load(base_inventory).select(",".join(h.name for h in inv10)),
-                                          str(python), runs, n, expected))
+                                          lab.inventory_path, str(python), runs, n, expected))
         if "scale" in only and nlab >= 100:
             for i in range(n + 1):
                 say(f"bench: {nlab} hosts cold no-op, run {i}/{n}")
