@@ -296,6 +296,37 @@ def test_an_unwritable_code_cache_still_starts(tmp_path):
         assert start_keyed(tmp_path)[0]["platform"] == sys.platform
 
 
+def test_the_controller_keeps_its_compiled_bundle_privately_and_checks_it(tmp_path, monkeypatch):
+    from sshjobs.remote import Bundle, code_cache
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    expected = marshal.dumps(tuple(compile(SOURCES[n], f"sshjobs_remote/{n}.py", "exec", dont_inherit=True)
+                                   for n in WORKER.names))
+    assert Bundle(*WORKER.names).code == expected
+    [path] = code_cache().iterdir()
+    assert path.name == f"{WORKER.key}-{TAG}"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    other = marshal.dumps(tuple(compile(f"X = {i}", f"sshjobs_remote/{n}.py", "exec") for i, n in enumerate(WORKER.names)))
+    path.write_bytes(other)
+    assert Bundle(*WORKER.names).code == other  # this user's own, private file: taken as it is
+    for junk in (b"garbage", marshal.dumps("not code"), marshal.dumps(tuple(compile("0", "elsewhere.py", "exec")
+                                                                           for _ in WORKER.names))):
+        path.write_bytes(junk)
+        assert Bundle(*WORKER.names).code == expected  # compiled again, and the cache mended
+        assert path.read_bytes() == expected
+    path.write_bytes(other)
+    path.chmod(0o622)  # writable by others: not trusted
+    assert Bundle(*WORKER.names).code == expected
+
+
+def test_a_controller_cache_that_cannot_be_written_still_compiles(tmp_path, monkeypatch):
+    from sshjobs.remote import Bundle
+
+    (tmp_path / "sshjobs").write_text("a file where the cache folder would go")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert marshal.loads(Bundle(*WORKER.names).code)[0].co_filename == "sshjobs_remote/protocol.py"
+
+
 def test_frame_kinds_keep_their_wire_values_and_names():
     assert protocol.KINDS == {1: "CONFIG", 2: "MODULES", 3: "FUNC", 4: "CALL", 5: "MAP", 6: "SHUTDOWN", 10: "HELLO",
                               11: "RESULT", 12: "OUTPUT", 13: "FATAL", 14: "BYTES", 15: "BYTEARRAY",

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import marshal
+import os
 import sys
+import tempfile
 from importlib.util import MAGIC_NUMBER
 from pathlib import Path
 
@@ -94,11 +96,33 @@ class Bundle:
     @property
     def code(self) -> bytes:
         """The modules compiled here and marshalled, for hosts whose TAG is the controller's
-        (compiled once per process, on first use)."""
+        (on first use; kept in the user's cache folder, ``code_cache()``, since compiling
+        the worker bundle costs a command ~14 ms of CPU)."""
         if self._code is None:
-            self._code = marshal.dumps(tuple(
-                compile(SOURCES[n], f"sshjobs_remote/{n}.py", "exec", dont_inherit=True) for n in self.names))
+            path = code_cache() / f"{self.key}-{TAG}"
+            self._code = self._cached(path)
+            if self._code is None:
+                self._code = marshal.dumps(tuple(
+                    compile(SOURCES[n], f"sshjobs_remote/{n}.py", "exec", dont_inherit=True) for n in self.names))
+                _save(path, self._code)
         return self._code
+
+    def _cached(self, path: Path) -> bytes | None:
+        """The cached code when it is this user's own file, writable by nobody else, and
+        unmarshals to this bundle's modules."""
+        try:
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                if st.st_uid != os.getuid() or st.st_mode & 0o022:
+                    return None
+                data = f.read()
+            code = marshal.loads(data)
+        except (OSError, ValueError, EOFError, TypeError):
+            return None
+        names = [f"sshjobs_remote/{n}.py" for n in self.names]
+        if not isinstance(code, tuple) or [getattr(c, "co_filename", None) for c in code] != names:
+            return None
+        return data
 
     def header(self, workdir: str | None = None, code: bytes = b"") -> bytes:
         """The STUB's first line; without a workdir nothing is cached on the host, without
@@ -112,6 +136,29 @@ class Bundle:
         (``compiled``) the controller's code objects, which a host of another TAG ignores."""
         code = self.code if compiled else b""
         return self.header(workdir, code) + self.data + code
+
+
+def code_cache() -> Path:
+    """The controller's folder of compiled bundles: ``$XDG_CACHE_HOME/sshjobs/code``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sshjobs" / "code"
+
+
+def _save(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole (renamed into place, 0600 in a 0700 folder); a
+    cache that cannot be written is not an error."""
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError:
+        pass
 
 
 WORKER = Bundle("protocol", "files", "worker")
