@@ -1,5 +1,6 @@
-"""``import asyncssh`` without the subprocesses of its liboqs probe, and with the cyclic GC
-paused while it runs.
+"""``import asyncssh`` at less cost: no subprocess for its liboqs probe, no regular
+expressions compiled that an SSH client never uses, and, in sshjobs' own commands, no
+cyclic collections while it loads.
 
 asyncssh's ``crypto/pq.py`` looks for the optional liboqs (post-quantum sntrup761) with
 ``ctypes.util.find_library('oqs')``, then ``('liboqs')``.  On Linux each lookup that
@@ -11,10 +12,15 @@ and the standard library folders.  No ``lib<name>.`` file there: the answer is N
 find_library's would be.  One there: find_library itself answers, so an installed liboqs
 is found and used exactly as before.
 
+``cryptography.x509.name`` (imported by asyncssh) compiles the expressions of its RFC 4514
+name parser as it loads (~12 ms of CPU); while it loads, the expressions it compiles
+itself are compiled on first use instead.  ``own_process()`` (the CLI) pauses the cyclic
+GC during the import of sshjobs' SSH layers and freezes what they made.
+
 Installed by ``sshjobs/__init__.py`` (which runs before any module that imports
-asyncssh) as a finder on ``sys.meta_path`` that acts on ``sshjobs.cluster``, ``asyncssh``
-and ``asyncssh.crypto.pq`` alone and then leaves.  Imports nothing of sshjobs; costs nothing
-until asyncssh is imported.
+asyncssh) as a finder on ``sys.meta_path`` that acts on the modules in ``ACTS`` alone and
+leaves when asyncssh is loaded.  Imports nothing of sshjobs; costs nothing until asyncssh
+is imported.
 """
 
 from __future__ import annotations
@@ -23,9 +29,9 @@ import gc
 import os
 import sys
 
-# imports run with the cyclic GC paused: asyncssh, and sshjobs' SSH layers, which import it
-PAUSED = ("asyncssh", "sshjobs.cluster")
-MODULE = "asyncssh.crypto.pq"
+# module -> what is changed while it loads (_Loader)
+ACTS = {"sshjobs.cluster": "pause", "asyncssh": "pause", "asyncssh.crypto.pq": "liboqs",
+        "cryptography.x509.name": "lazy-re"}
 _LINUX = sys.platform.startswith("linux")
 NAMES = ("oqs", "liboqs")
 LIB_DIRS = ("/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib", "/usr/local/lib64")
@@ -53,13 +59,28 @@ def may_exist(name: str) -> bool:
     return False
 
 
-class _Loader:
-    """The real loader of asyncssh (the cyclic GC paused while it runs) or of
-    asyncssh.crypto.pq (the quick lookup in place while it runs)."""
+class _LazyPattern:
+    """A regular expression compiled when first used (its methods, its attributes)."""
 
-    def __init__(self, loader, quick_lookup: bool):
+    def __init__(self, compile, pattern, flags):
+        self._args = (compile, pattern, flags)
+        self._compiled = None
+
+    def __getattr__(self, name):
+        if self._compiled is None:
+            compile, pattern, flags = self._args
+            self._compiled = compile(pattern, flags)
+        return getattr(self._compiled, name)
+
+
+class _Loader:
+    """A module's real loader, run with this module's change for it in place (``how``):
+    "pause" the cyclic GC (when ``own_process``), "liboqs" the quick lookup, "lazy-re"
+    regular expressions compiled on first use."""
+
+    def __init__(self, loader, how: str):
         self.loader = loader
-        self.quick_lookup = quick_lookup
+        self.how = how
 
     def __getattr__(self, name):
         return getattr(self.loader, name)
@@ -68,9 +89,13 @@ class _Loader:
         return self.loader.create_module(spec)
 
     def exec_module(self, module):
-        if self.quick_lookup:
-            self._with_quick_lookup(module)
-            return
+        try:
+            getattr(self, "_" + self.how.replace("-", "_"))(module)
+        finally:
+            if module.__name__ == "asyncssh":
+                uninstall()  # its import is over, and with it every one this finder acts on
+
+    def _pause(self, module):
         if not _freeze:
             self.loader.exec_module(module)
             return
@@ -86,7 +111,7 @@ class _Loader:
             if enabled:
                 gc.enable()
 
-    def _with_quick_lookup(self, module):
+    def _liboqs(self, module):
         import ctypes.util
 
         real = ctypes.util.find_library
@@ -103,22 +128,35 @@ class _Loader:
             if ctypes.util.find_library is find_library:
                 ctypes.util.find_library = real
 
+    def _lazy_re(self, module):
+        # cryptography.x509.name compiles its RFC 4514 parser's expressions as it loads,
+        # one of them over every Unicode code point above 0x80: ~12 ms of CPU, for parsing
+        # names from strings, which an SSH client never does.
+        import re
+
+        real = re.compile
+
+        def lazy(pattern, flags=0):
+            if sys._getframe(1).f_globals.get("__name__") != module.__name__:
+                return real(pattern, flags)  # another module's, imported meanwhile
+            return _LazyPattern(real, pattern, flags)
+
+        re.compile = lazy
+        try:
+            self.loader.exec_module(module)
+        finally:
+            if re.compile is lazy:
+                re.compile = real
+
 
 class Finder:
-    """On sys.meta_path until asyncssh (and, on Linux, asyncssh.crypto.pq) is imported;
-    None for every other name.  The spec is the one the other finders give, its loader
-    wrapped."""
+    """On sys.meta_path until asyncssh is imported; None for every name but those it acts
+    on (``ACTS``).  The spec is the one the other finders give, its loader wrapped."""
 
     @classmethod
     def find_spec(cls, name, path=None, target=None):
-        if name in PAUSED:
-            quick_lookup = False
-            if not _LINUX and name == "asyncssh":
-                uninstall()
-        elif name == MODULE:
-            quick_lookup = True
-            uninstall()
-        else:
+        how = ACTS.get(name)
+        if how is None or (how == "liboqs" and not _LINUX):
             return None
         for finder in sys.meta_path:
             if finder is cls or not hasattr(finder, "find_spec"):
@@ -126,7 +164,7 @@ class Finder:
             spec = finder.find_spec(name, path, target)
             if spec is not None:
                 if hasattr(spec.loader, "exec_module"):
-                    spec.loader = _Loader(spec.loader, quick_lookup)
+                    spec.loader = _Loader(spec.loader, how)
                 return spec
         return None
 

@@ -100,3 +100,21 @@ def test_a_library_caller_keeps_its_gc_as_it_was():
     assert got["enabled"] and got["finder_left"]
     assert got["frozen"] == 0  # the caller's objects are never frozen
     assert got["during"] > 0
+
+
+def test_x509_names_still_parse_with_their_expressions_compiled_on_first_use():
+    code = """
+import json, re, sys
+import sshjobs, asyncssh
+from cryptography import x509
+from cryptography.x509 import name
+before = type(name._RFC4514NameParser._STRING_RE).__name__
+parsed = x509.Name.from_rfc4514_string("CN=h\\u00e9llo,O=Example\\\\, Inc.,2.5.4.3=x").rfc4514_string()
+print(json.dumps({"before": before, "parsed": parsed, "restored": re.compile.__module__ == "re",
+                  "finder_left": sshjobs.sshimport.Finder not in sys.meta_path}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {"before": "_LazyPattern", "parsed": "CN=h\u00e9llo,O=Example\\, Inc.,CN=x", "restored": True,
+                   "finder_left": True}
