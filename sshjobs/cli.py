@@ -175,13 +175,9 @@ def record_installs(inventory: str, lines: list[str]) -> None:
         data[key] = lines
     else:
         data.pop(key, None)
-    path = _records()
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    from .remote.files import write_private
+
+    write_private(str(_records()), json.dumps(data, indent=1).encode("utf-8"))
 
 
 def read_requirements(packages: tuple[str, ...], files: tuple[str, ...]) -> list[str]:

@@ -327,6 +327,20 @@ def test_a_controller_cache_that_cannot_be_written_still_compiles(tmp_path, monk
     assert marshal.loads(Bundle(*WORKER.names).code)[0].co_filename == "sshjobs_remote/protocol.py"
 
 
+def test_private_files_are_written_whole_even_over_a_dead_writers_leftover(tmp_path):
+    import os
+
+    from sshjobs.remote.files import write_private
+
+    path = tmp_path / "new" / "data"
+    write_private(str(path), b"one")
+    assert path.read_bytes() == b"one"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    (tmp_path / "new" / f"data.tmp-{os.getpid()}").write_bytes(b"half")  # a dead process of our pid
+    write_private(str(path), b"two")
+    assert path.read_bytes() == b"two" and sorted(p.name for p in path.parent.iterdir()) == ["data"]
+
+
 def test_frame_kinds_keep_their_wire_values_and_names():
     assert protocol.KINDS == {1: "CONFIG", 2: "MODULES", 3: "FUNC", 4: "CALL", 5: "MAP", 6: "SHUTDOWN", 10: "HELLO",
                               11: "RESULT", 12: "OUTPUT", 13: "FATAL", 14: "BYTES", 15: "BYTEARRAY",

@@ -22,9 +22,10 @@ import hashlib
 import marshal
 import os
 import sys
-import tempfile
 from importlib.util import MAGIC_NUMBER
 from pathlib import Path
+
+from .files import write_private
 
 # The command-line bootstrap.  Its stdin: a line "LENGTH SPLIT KEY WORKDIR-IN-HEX TAG NAME...",
 # then LENGTH bytes: the modules' sources, in that order, each ended by a NUL byte (which
@@ -104,7 +105,10 @@ class Bundle:
             if self._code is None:
                 self._code = marshal.dumps(tuple(
                     compile(SOURCES[n], f"sshjobs_remote/{n}.py", "exec", dont_inherit=True) for n in self.names))
-                _save(path, self._code)
+                try:
+                    write_private(str(path), self._code)
+                except OSError:
+                    pass  # a cache that cannot be written: compiled again next time
         return self._code
 
     def _cached(self, path: Path) -> bytes | None:
@@ -142,23 +146,6 @@ def code_cache() -> Path:
     """The controller's folder of compiled bundles: ``$XDG_CACHE_HOME/sshjobs/code``."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "sshjobs" / "code"
-
-
-def _save(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` whole (renamed into place, 0600 in a 0700 folder); a
-    cache that cannot be written is not an error."""
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-    except OSError:
-        pass
 
 
 WORKER = Bundle("protocol", "files", "worker")

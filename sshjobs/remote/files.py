@@ -1,7 +1,8 @@
-"""The files sshjobs keeps on a host, all under its workdir: private folders, the
-compiled-code cache the STUB reads (see sshjobs.remote), removal.
+"""The files sshjobs keeps on a host, all under its workdir: private folders, private
+files written whole, the compiled-code cache the STUB reads (see sshjobs.remote), removal.
 
-Stdlib only; runs on the hosts, in workers and in provisioning.
+Stdlib only; runs on the hosts, in workers and in provisioning (and on the controller,
+as sshjobs.remote.files, for its own private files).
 """
 
 import os
@@ -32,8 +33,7 @@ def touch_env():
 
 def save_code():
     """Write the bundle's compiled code where the next STUB looks for it: the STUB left
-    (path, code) on the package module when it had to compile.  A private file, renamed
-    into place whole, in the 0700 workdir."""
+    (path, code) on the package module when it had to compile."""
     cache = getattr(sys.modules.get(__package__), "CODE_CACHE", None)
     if not cache or not isinstance(cache, tuple):
         return
@@ -41,20 +41,31 @@ def save_code():
     try:
         import marshal
 
-        folder = os.path.dirname(path)
-        if not os.path.isdir(folder):
-            os.mkdir(folder, 0o700)
-        tmp = "%s.tmp-%d" % (path, os.getpid())
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                marshal.dump(code, f)
-            os.rename(tmp, path)
-        except BaseException:
-            remove(tmp)
-            raise
+        write_private(path, marshal.dumps(code))
     except Exception:
         pass  # no cache (a read-only home, say): the next start compiles again
+
+
+def write_private(path, data):
+    """Write ``data`` to ``path`` whole: a 0600 file renamed into place, in a folder made
+    0700 when it is missing (its missing parents get the umask's mode).  Raises OSError."""
+    folder = os.path.dirname(path)
+    if folder and not os.path.isdir(folder):
+        os.makedirs(folder, 0o700)
+    tmp = "%s.tmp-%d" % (path, os.getpid())
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    try:
+        fd = os.open(tmp, flags, 0o600)
+    except FileExistsError:  # left by a process of the same pid that died before its rename
+        remove(tmp)
+        fd = os.open(tmp, flags, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.rename(tmp, path)
+    except BaseException:
+        remove(tmp)
+        raise
 
 
 def private_dir(path):
