@@ -41,19 +41,21 @@ def timed(cmd: list[str] | str, **kw) -> tuple[float, float]:
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def ssh_loop(inventory: Path) -> str:
-    """A shell loop: one `ssh host python3 -c ...` per host, in parallel, then wait."""
+def ssh_args(inventory: Path) -> list[list[str]]:
+    """For each host of a lab inventory, the OpenSSH ``ssh`` options and destination that
+    reach it as sshjobs does (its key, its known_hosts, its port, its user)."""
     doc = tomllib.loads(inventory.read_text())
     d = doc.get("defaults", {})
     base = inventory.parent
-    cmds = []
-    for h in doc["hosts"].values():
-        ident = base / h.get("identity", d["identity"])
-        known = base / h.get("known_hosts", d["known_hosts"])
-        cmds.append(" ".join(map(shlex.quote, [
-            "ssh", "-q", "-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={known}", "-i", str(ident),
-            "-p", str(h.get("port", 22)), f"{h.get('user', d.get('user'))}@{h['address']}",
-            "python3 -c 'print(2)'"])) + " &")
+    return [["-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={base / h.get('known_hosts', d['known_hosts'])}",
+             "-i", str(base / h.get("identity", d["identity"])), "-p", str(h.get("port", 22)),
+             f"{h.get('user', d.get('user'))}@{h['address']}"] for h in doc["hosts"].values()]
+
+
+def ssh_loop(inventory: Path) -> str:
+    """A shell loop: one `ssh host python3 -c ...` per host, in parallel, then wait."""
+    cmds = [" ".join(map(shlex.quote, ["ssh", "-q", *args, "python3 -c 'print(2)'"])) + " &"
+            for args in ssh_args(inventory)]
     return "\n".join(cmds) + "\nwait\n"
 
 

@@ -16,10 +16,10 @@ import json
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 from . import jobs
+from .cli_start import ssh_args
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB = jobs.source(jobs.eigen) + "\nchannel.send(eigen(channel.receive()))\n"
@@ -37,16 +37,8 @@ def venv(uv: str) -> Path:
 
 
 def specs(inventory: Path, python: str, hosts: int) -> list[str]:
-    doc = tomllib.loads(inventory.read_text())
-    d = doc.get("defaults", {})
-    out = []
-    for h in list(doc["hosts"].values())[:hosts]:
-        ident = inventory.parent / h.get("identity", d["identity"])
-        known = inventory.parent / h.get("known_hosts", d["known_hosts"])
-        ssh = (f"-i {ident} -o UserKnownHostsFile={known} -o BatchMode=yes -p {h.get('port', 22)}"
-               f" {h.get('user', d.get('user'))}@{h['address']}")
-        out.append(f"ssh={ssh}//python={python}")
-    return out
+    """execnet's gateway specs for the first ``hosts`` hosts (its ``ssh=`` takes ssh's options)."""
+    return [f"ssh={' '.join(args)}//python={python}" for args in ssh_args(inventory)[:hosts]]
 
 
 def main(argv: list[str]) -> int:
