@@ -24,11 +24,16 @@ print(json.dumps({"spawned": spawned, "modules": sorted(m for m in sys.modules i
 """
 
 
-def probe(code: str, env: dict | None = None) -> dict:
-    out = subprocess.run([sys.executable, "-c", PROBE % code], capture_output=True, text=True, timeout=60,
+def run_json(code: str, env: dict | None = None) -> dict:
+    """The JSON object a new interpreter running ``code`` prints last."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          env={**os.environ, **(env or {})})
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def probe(code: str, env: dict | None = None) -> dict:
+    return run_json(PROBE % code, env)
 
 
 def test_version_and_help_import_nothing_heavy():
@@ -83,9 +88,7 @@ during = count[0]
 print(json.dumps({{"enabled": gc.isenabled(), "frozen": gc.get_freeze_count(), "during": during,
                    "finder_left": s.Finder not in sys.meta_path}}))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_json(code)
 
 
 def test_a_command_imports_the_ssh_layers_without_collections_and_freezes_them():
@@ -113,8 +116,5 @@ parsed = x509.Name.from_rfc4514_string("CN=h\\u00e9llo,O=Example\\\\, Inc.,2.5.4
 print(json.dumps({"before": before, "parsed": parsed, "restored": re.compile.__module__ == "re",
                   "finder_left": sshjobs.sshimport.Finder not in sys.meta_path}))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    got = json.loads(out.stdout.strip().splitlines()[-1])
-    assert got == {"before": "_LazyPattern", "parsed": "CN=h\u00e9llo,O=Example\\, Inc.,CN=x", "restored": True,
-                   "finder_left": True}
+    assert run_json(code) == {"before": "_LazyPattern", "parsed": "CN=h\u00e9llo,O=Example\\, Inc.,CN=x",
+                              "restored": True, "finder_left": True}
