@@ -352,7 +352,9 @@ class Dispatcher:
                 if state.serves(worker) and (lane is None or not lane.calls):
                     self._send(state, worker, job)
                     return True
-            found = self._pipe(job, self.states) if self._short(job) else None
+            # Jobs wait already: no worker had room for them, and this one goes behind them
+            # (freed() hands them out in order), without a look at every worker.
+            found = self._pipe(job, self.states) if not self.queue and self._short(job) else None
         else:
             found = self._pipe(job, (pin,), idle_only=not self._short(job))
         if found is None:
