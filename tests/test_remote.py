@@ -10,6 +10,7 @@ import pickle
 import stat
 import subprocess
 import sys
+import time
 
 import cloudpickle
 import pytest
@@ -136,6 +137,32 @@ def test_cloudpickle_is_shipped_when_a_job_needs_it_and_only_once(worker, tmp_pa
     assert (tmp_path / "wd" / "lib" / f"cloudpickle-{cloudpickle.__version__}" / "cloudpickle").is_dir()
 
 
+def test_a_workers_start_and_a_plain_job_read_few_modules_from_the_disk(tmp_path):
+    """Beyond what ``python3 -c pass`` imports, a worker started as the controller starts
+    one, that loaded a function by value, holds its own modules, the interpreter's
+    built-in ones and the two that _pickle needs: every module more is one more file
+    found, read and run at each of a fleet's starts."""
+    python = "/usr/bin/python3"
+    bare, builtin = (set(subprocess.run([python, "-c", f"import sys;print(' '.join({names}))"], capture_output=True,
+                                        text=True, check=True).stdout.split())
+                     for names in ("sys.modules", "sys.builtin_module_names"))
+    proc = subprocess.Popen([python, "-c", STUB], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    config = {"cloudpickle": cloudpickle.__version__, "workdir": str(tmp_path / "wd")}
+    proc.stdin.write(WORKER.start(config["workdir"]) + protocol.pack(protocol.CONFIG, 0, pickle.dumps(config, 4)))
+    send(proc, protocol.FUNC, 1, cloudpickle.dumps(lambda: sorted(__import__("sys").modules)))
+    send(proc, protocol.CALL, 1, protocol.FID.pack(1) + pickle.dumps(((), {})))
+    assert protocol.read_frame(proc.stdout)[0] == protocol.HELLO
+    kind, _, body = reply(proc)
+    [(ok, value, out, err, took)] = decode_results(body)
+    proc.stdin.close()
+    assert proc.wait(timeout=10) == 0
+    proc.stdout.close()
+    assert ok, value
+    more = {m for m in value if m not in bare | builtin and not m.startswith("sshjobs_remote")}
+    assert more <= {"copyreg", "_compat_pickle"}, more
+    assert getattr(proc, "shipped", 0) == 0  # nor cloudpickle
+
+
 def test_jobs_see_the_real_functools(worker):
     # The worker loads _pickle with a stand-in functools (see remote.worker._import_pickle):
     # a job importing functools must get the real module, and pickling partials must work.
@@ -192,7 +219,8 @@ def start_keyed(tmp_path, code=b"", tag=TAG):
     proc = subprocess.Popen(["/usr/bin/python3", "-c", STUB], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     config = {"cloudpickle": cloudpickle.__version__, "workdir": wd}
-    proc.stdin.write(WORKER.header(wd, code).replace(TAG.encode(), tag.encode()) + WORKER.data + code
+    line = WORKER.header(wd, code)[8:].replace(TAG.encode(), tag.encode())  # after the line's length
+    proc.stdin.write(b"%08d" % len(line) + line + WORKER.data + code
                      + protocol.pack(protocol.CONFIG, 0, pickle.dumps(config, protocol=4)))
     proc.stdin.flush()
     kind, _, body = protocol.read_frame(proc.stdout)
@@ -208,6 +236,29 @@ def start_keyed(tmp_path, code=b"", tag=TAG):
     proc.stdout.close()
     proc.stderr.close()
     return hello, tmp_path / "wd" / "code"
+
+
+def test_the_stub_takes_a_start_that_arrives_in_pieces(tmp_path):
+    """sshd hands the program its stdin as packets come: the STUB's reads come up short,
+    in the length before the first line, in the line and in the code."""
+    proc = subprocess.Popen(["/usr/bin/python3", "-c", STUB], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    config = {"cloudpickle": cloudpickle.__version__, "workdir": str(tmp_path / "wd")}
+    data = WORKER.start(str(tmp_path / "wd")) + protocol.pack(protocol.CONFIG, 0, pickle.dumps(config, protocol=4))
+    cuts = [3, 8, 11, 40, len(WORKER.header(str(tmp_path / "wd"), WORKER.code)) + 5, len(data) - 100, len(data)]
+    at = 0
+    for cut in cuts:
+        proc.stdin.write(data[at:cut])
+        proc.stdin.flush()
+        at = cut
+        time.sleep(0.02)
+    kind, _, body = protocol.read_frame(proc.stdout)
+    assert kind == protocol.HELLO, proc.stderr.read() if kind is None else body
+    assert json.loads(body)["platform"] == sys.platform
+    proc.stdin.close()
+    assert proc.wait(timeout=10) == 0
+    proc.stdout.close()
+    proc.stderr.close()
 
 
 def test_compiled_worker_is_cached_privately_and_used(tmp_path):
@@ -300,9 +351,10 @@ def test_the_controller_keeps_its_compiled_bundle_privately_and_checks_it(tmp_pa
     from sshjobs.remote import Bundle, code_cache
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    expected = marshal.dumps(tuple(compile(SOURCES[n], f"sshjobs_remote/{n}.py", "exec", dont_inherit=True)
-                                   for n in WORKER.names))
+    expected = marshal.dumps(tuple(compile(SOURCES[n], f"sshjobs_remote/{n}.py", "exec", dont_inherit=True,
+                                           optimize=2) for n in WORKER.names))
     assert Bundle(*WORKER.names).code == expected
+    assert b"The remote worker: the loop a host runs" not in expected  # docstrings stay home
     [path] = code_cache().iterdir()
     assert path.name == f"{WORKER.key}-{TAG}"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700

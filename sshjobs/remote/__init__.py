@@ -27,12 +27,14 @@ from pathlib import Path
 
 from .files import write_private
 
-# The command-line bootstrap.  Its stdin: a line "LENGTH SPLIT KEY WORKDIR-IN-HEX TAG NAME...",
-# then LENGTH bytes: the modules' sources, in that order, each ended by a NUL byte (which
-# Python source cannot hold), up to SPLIT; after it, their code objects compiled by the
-# controller and marshalled (none when SPLIT = LENGTH).  It reads fd 0 unbuffered so that
-# no byte meant for the program (frames, a request) is read ahead and lost.  Compiling the
-# worker bundle costs 5-13 ms of CPU, so the STUB takes, in this order: the shipped code
+# The command-line bootstrap.  Its stdin: 8 digits, the length of the line that follows,
+# "LENGTH SPLIT KEY WORKDIR-IN-HEX TAG NAME...", then LENGTH bytes: the modules' sources, in
+# that order, each ended by a NUL byte (which Python source cannot hold), up to SPLIT; after
+# it, their code objects compiled by the controller and marshalled (none when SPLIT =
+# LENGTH).  It reads fd 0 unbuffered so that no byte meant for the program (frames, a
+# request) is read ahead and lost: in as few reads as the data comes in (a readline there
+# reads a byte at a time, ~110 system calls).  Compiling the worker bundle costs 5-13 ms
+# of CPU, so the STUB takes, in this order: the shipped code
 # when TAG is its own cache_tag and bytecode magic number (what CPython itself checks before
 # it loads a .pyc, so 3.11.2 runs 3.11.7's code; marshal and bytecode change only with the
 # magic number); the tuple an earlier start cached under WORKDIR/code/KEY-TAG-HEXVERSION;
@@ -44,15 +46,18 @@ from .files import write_private
 # marshal.loads(f.read()), not marshal.load(f), which calls f.readinto for every few
 # bytes (~1 ms of CPU).  Kept to what the oldest host Python runs, so that one can still
 # say which Python it is.
-STUB = """import os,sys,types,marshal
+STUB = """import os,sys,marshal
 r=os.fdopen(0,'rb',0)
-h=r.readline().decode().split();N=h[5:]
-n=int(h[0]);b=bytearray()
-while len(b)<n:
- c=r.read(n-len(b))
- if not c:sys.exit(3)
- b+=c
-P='sshjobs_remote';m=sys.modules[P]=types.ModuleType(P);m.__path__=[];p=None;i=int(h[1])
+def R(n):
+ b=bytearray(n);v=memoryview(b);k=0
+ while k<n:
+  c=r.readinto(v[k:])
+  if not c:sys.exit(3)
+  k+=c
+ return b
+h=R(int(R(8))).decode().split();N=h[5:]
+b=R(int(h[0]))
+P='sshjobs_remote';M=type(sys);m=sys.modules[P]=M(P);m.__path__=[];p=None;i=int(h[1])
 def L(d):
  c=marshal.loads(d)
  if[x.co_filename for x in c]!=[P+'/'+k+'.py'for k in N]:raise ValueError
@@ -60,7 +65,7 @@ def L(d):
 try:
  t=sys.implementation.cache_tag
  if h[4]!=t+'-'+__import__('_frozen_importlib_external').MAGIC_NUMBER.hex():raise ValueError
- c=L(bytes(b[i:]))
+ c=L(memoryview(b)[i:])
 except Exception:
  try:
   p=os.path.expanduser(bytes.fromhex(h[3]).decode())+'/code/%s-%s-%x'%(h[2],t,sys.hexversion)
@@ -73,10 +78,11 @@ except Exception:
   for k,s in zip(N,b[:i].split(b'\\0')):c+=compile(s,P+'/'+k+'.py','exec'),
   m.CODE_CACHE=p and(p,c)
 for k,x in zip(N,c):
- d=sys.modules[P+'.'+k]=types.ModuleType(P+'.'+k);d.__package__=P;exec(x,d.__dict__)
+ d=sys.modules[P+'.'+k]=M(P+'.'+k);d.__package__=P;exec(x,d.__dict__)
 d.main()"""
 
 _HERE = Path(__file__).parent
+_OPTIMIZE = 2  # how the controller compiles the code it ships: see Bundle.code
 # Which hosts can run code compiled here: the STUB's test of a header's TAG.
 TAG = f"{sys.implementation.cache_tag}-{MAGIC_NUMBER.hex()}"
 # Every remote module's source, read once: what the bundles send and their cache keys hash.
@@ -90,21 +96,26 @@ class Bundle:
     def __init__(self, *names: str):
         self.names = names
         self.data = b"".join(SOURCES[n] + b"\0" for n in names)
-        # the name of the compiled code in a host's workdir (the stub's reading of it too)
-        self.key = hashlib.sha256(b"\0".join((STUB.encode(), " ".join(names).encode(), self.data))).hexdigest()[:32]
+        # the name of the compiled code in a host's workdir and in the controller's cache
+        # (the STUB, the sources and how the controller compiles them)
+        self.key = hashlib.sha256(b"\0".join((STUB.encode(), f"optimize={_OPTIMIZE}".encode(), " ".join(names).encode(),
+                                              self.data))).hexdigest()[:32]
         self._code: bytes | None = None
 
     @property
     def code(self) -> bytes:
         """The modules compiled here and marshalled, for hosts whose TAG is the controller's
         (on first use; kept in the user's cache folder, ``code_cache()``, since compiling
-        the worker bundle costs a command ~14 ms of CPU)."""
+        the worker bundle costs a command ~14 ms of CPU).  Without docstrings (``-OO``'s
+        compile: the remote modules use neither docstrings nor asserts), which a host
+        would unmarshal at every start for nothing."""
         if self._code is None:
             path = code_cache() / f"{self.key}-{TAG}"
             self._code = self._cached(path)
             if self._code is None:
                 self._code = marshal.dumps(tuple(
-                    compile(SOURCES[n], f"sshjobs_remote/{n}.py", "exec", dont_inherit=True) for n in self.names))
+                    compile(SOURCES[n], f"sshjobs_remote/{n}.py", "exec", dont_inherit=True, optimize=_OPTIMIZE)
+                    for n in self.names))
                 try:
                     write_private(str(path), self._code)
                 except OSError:
@@ -133,7 +144,8 @@ class Bundle:
         ``code`` nothing compiled is shipped."""
         key, where = (self.key, workdir.encode().hex()) if workdir else ("-", "-")
         size = len(self.data)
-        return f"{size + len(code)} {size} {key} {where} {TAG if code else '-'} {' '.join(self.names)}\n".encode()
+        line = f"{size + len(code)} {size} {key} {where} {TAG if code else '-'} {' '.join(self.names)}\n".encode()
+        return b"%08d" % len(line) + line
 
     def start(self, workdir: str | None = None, compiled: bool = True) -> bytes:
         """What the STUB reads from stdin before the program does: header, sources and

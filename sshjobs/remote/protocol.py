@@ -18,9 +18,13 @@ say which Python it is: this module runs on the hosts too.
 """
 
 import os
-import struct
 
-HEADER = struct.Struct("!BIQ")
+try:  # the C module: struct.py is one more module read from the disk at each worker start
+    from _struct import Struct
+except ImportError:  # pragma: no cover
+    from struct import Struct
+
+HEADER = Struct("!BIQ")
 
 KINDS = {}  # code -> name ("CALL"), for traces and errors
 
@@ -49,14 +53,14 @@ BYTEARRAY = _kind(15, "BYTEARRAY")  # ... a bytearray (it stood for a bytearray 
 OOB_MIN = 64 * 1024  # payloads this big leave the pickle (= pickle's own frame size)
 
 
-META_LEN = struct.Struct("!I")
+META_LEN = Struct("!I")
 # RESULT meta: a list of (ok, stdout, stderr, duration, size of the value's pickle, number
 # of out-of-band buffers it takes), one per item; or (ALL_OK, durations): one pickled
 # list holds every value (and takes all of the job's buffers).
 ALL_OK = "all-ok"
-FID = struct.Struct("!I")  # the function id that starts a CALL or MAP payload (the rest is
+FID = Struct("!I")  # the function id that starts a CALL or MAP payload (the rest is
 # pickled on its own, so the controller pickles an argument once for every host)
-OUTPUT_HEAD = struct.Struct("!BI")  # stream, index of the item within a MAP job
+OUTPUT_HEAD = Struct("!BI")  # stream, index of the item within a MAP job
 STDOUT, STDERR = 1, 2
 
 # Index settings from the host's environment: part of an environment's id, so HELLO
@@ -121,8 +125,8 @@ def _read_exact(stream, n):
 
 
 _PAYLOAD_HEADS = {0x42: (5, BYTES), 0x8E: (9, BYTES), 0x96: (9, BYTEARRAY)}  # BINBYTES, BINBYTES8, BYTEARRAY8
-_U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
+_U32 = Struct("<I")
+_U64 = Struct("<Q")
 
 
 class Parts(object):

@@ -20,21 +20,23 @@ say which Python it is.  The host side of provisioning is not here (``provision`
 compiling it too cost every worker start ~3 ms of CPU.
 """
 
+import _thread
 import builtins
 import io
 import os
 import sys
 import time
-import types
 
 from .files import private_dir, rmtree, save_code, touch_env
 from .protocol import (ALL_OK, BYTEARRAY, BYTES, CALL, CONFIG, FATAL, FID, FUNC, HEADER, HELLO, MAP, META_LEN,
                        MODULES, NEED_MODULES, OUTPUT, OUTPUT_HEAD, RESULT, SHUTDOWN, STDERR, STDOUT, Parts, Reader, _json,
                        error_info, index_env, read_frame)
 
-# A worker's start-up is mostly imports: the C modules behind pickle, signal, threading
-# and queue spare it pickle.py's and json's `re`, signal.py's `enum` and threading.py
-# (~7 ms of CPU per worker).  json is imported only where it is needed.
+# A worker's start-up is mostly imports: the C modules behind pickle, signal and threading
+# spare it pickle.py's and json's `re`, signal.py's `enum` and threading.py (~7 ms of CPU
+# per worker).  json is imported only where it is needed.  Beyond what the interpreter
+# imports for itself, it reads just copyreg and _compat_pickle (for _pickle) from the
+# disk: no types, struct or _queue (tests/test_remote.py holds it to that).
 
 def _import_pickle():
     """_pickle, without importing functools (and collections, operator, reprlib...) first:
@@ -47,7 +49,7 @@ def _import_pickle():
         return _pickle
     import _functools
 
-    stand_in = types.ModuleType("functools")
+    stand_in = type(sys)("functools")
     stand_in.partial = _functools.partial
     sys.modules["functools"] = stand_in
     try:
@@ -67,11 +69,9 @@ try:
 except ImportError:  # pragma: no cover
     import signal
 try:
-    import _thread
-    from _queue import SimpleQueue
+    from _collections import deque
 except ImportError:  # pragma: no cover
-    import _thread
-    from queue import SimpleQueue
+    from collections import deque
 
 _ATOMS = frozenset({int, float, bool, type(None), complex})  # values pickled without a Pickler
 OUTPUT_FLUSH = 64 * 1024  # stream job output in frames of about this size
@@ -104,6 +104,35 @@ class _Flag(object):
             self._lock.release()
             return True
         return False
+
+
+class _Queue(object):
+    """The reader thread's frames for the main thread: _queue.SimpleQueue's put, get and
+    empty, for one thread putting and one getting, on a deque and a bare lock (_queue is
+    a shared library to load at every start, ~0.15 ms of CPU)."""
+
+    def __init__(self):
+        self._items = deque()
+        self._ready = _thread.allocate_lock()  # released when an item may be there
+        self._ready.acquire()
+
+    def put(self, item):
+        self._items.append(item)
+        try:
+            self._ready.release()
+        except RuntimeError:  # released already: the getter has not waited since
+            pass
+
+    def get(self):
+        items = self._items
+        while True:
+            try:
+                return items.popleft()
+            except IndexError:
+                self._ready.acquire()
+
+    def empty(self):
+        return not self._items
 
 
 def _config(payload):
@@ -308,7 +337,7 @@ class Worker:
         self.inp = inp
         self.out = out
         self.lock = _thread.allocate_lock()
-        self.jobs = SimpleQueue()
+        self.jobs = _Queue()
         self.exiting = _Flag()
         self.funcs = {}
         self.job_id = 0
@@ -642,7 +671,7 @@ class Worker:
             else:
                 try:
                     value = fn(*args, **kwargs)
-                    if type(value) is types.CoroutineType:
+                    if _is_coroutine(value):
                         value = _run_coroutine(value)
                     ok = True
                 except BaseException as exc:
@@ -667,7 +696,7 @@ class Worker:
             start = clock()
             try:
                 value = fn(item)
-                if type(value) is types.CoroutineType:
+                if _is_coroutine(value):
                     value = _run_coroutine(value)
                 ok = True
             except BaseException as exc:
@@ -761,7 +790,14 @@ def _version_on_path():
 # that loading a function does not import cloudpickle and what it imports.  Any other
 # name (classes, enums, typevars...) is looked up in the real module, imported then.
 def _cp_builtin_type(name):
-    return type if name == "ClassType" else getattr(types, name)
+    if name == "ClassType":
+        return type
+    found = _BUILTIN_TYPES.get(name)
+    if found is None:
+        import types
+
+        found = getattr(types, name)
+    return found
 
 
 def _cp_subimport(name):
@@ -770,7 +806,7 @@ def _cp_subimport(name):
 
 
 def _cp_dynamic_subimport(name, vars):
-    mod = types.ModuleType(name)
+    mod = type(sys)(name)
     mod.__dict__.update(vars)
     mod.__dict__["__builtins__"] = builtins.__dict__
     return mod
@@ -785,7 +821,7 @@ _EMPTY_CELL_VALUE = _EmptyCellValue()
 
 def _cp_make_function(code, globals, name, argdefs, closure):
     globals["__builtins__"] = builtins.__dict__
-    return types.FunctionType(code, globals, name, argdefs, closure)
+    return _FunctionType(code, globals, name, argdefs, closure)
 
 
 def _cp_make_empty_cell():
@@ -820,6 +856,16 @@ def _cp_function_setstate(obj, state):
         setattr(obj, k, v)
 
 
+# The types cloudpickle asks _builtin_type for with every function it loads, without
+# importing ``types`` (a module from the disk: ~0.3 ms of a worker's start).
+_FunctionType = type(_cp_subimport)
+_BUILTIN_TYPES = {
+    "CodeType": type(_cp_subimport.__code__),
+    "FunctionType": _FunctionType,
+    "CellType": type(_cp_make_empty_cell()),
+    "ModuleType": type(sys),
+}
+
 _LIGHT = {
     "_builtin_type": _cp_builtin_type,
     "subimport": _cp_subimport,
@@ -848,6 +894,15 @@ def _loader(light, need_cloudpickle):
         return Unpickler(Reader(data), buffers=buffers).load()
 
     return loads
+
+
+def _is_coroutine(value):
+    """``value`` is a coroutine object (``types`` is imported only for one that may be)."""
+    if type(value).__name__ != "coroutine":
+        return False
+    import types
+
+    return type(value) is types.CoroutineType
 
 
 def _run_coroutine(coro):
