@@ -134,6 +134,10 @@ class _Queue(object):
     def empty(self):
         return not self._items
 
+    def first(self):
+        """The item get() would return now (the queue must not be empty)."""
+        return self._items[0]
+
 
 def _config(payload):
     """CONFIG: a pickled dict from the controller; JSON (older controllers, tests) too."""
@@ -570,9 +574,10 @@ class Worker:
             finally:
                 self.end(saved, out, err)
             # Batch replies while more jobs wait, but never hold a finished result back for
-            # long: a worker that dies later would take it along.
+            # long: a worker that dies later would take it along.  Nothing to batch with
+            # when what waits is the end of the input.
             now = time.monotonic()
-            flush = jobs.empty() or now - last_flush > FLUSH_AFTER
+            flush = jobs.empty() or jobs.first() is None or now - last_flush > FLUSH_AFTER
             self.send_result(job_id, results, flush=flush)
             if flush:
                 last_flush = now
