@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu_medians = {k: statistics.median(v) for k, v in cpu.items()}
     out = {"hosts": args.hosts, "runs": data, "median": medians,
            "ratio": {k: v / medians["baseline"] for k, v in medians.items() if k != "baseline"},
-           "machine_cpu": cpu_medians,
+           "machine_cpu": cpu_medians, "cpu_runs": cpu,
            "cpu_ratio": {k: v / cpu_medians["baseline"] for k, v in cpu_medians.items() if k != "baseline"},
            "load_1min": os.getloadavg()[0]}
     print(json.dumps(out))

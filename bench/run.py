@@ -56,6 +56,8 @@ FIGURES = {
                       lambda v, r: r is not None and r <= 1.2, "<= 1.2x baseline"),
     "later_contact": ("100 hosts, later contact, no-op gather (new process)", "s", False,
                       lambda v, r: r is not None and r <= 1.0, "<= 1.0x baseline"),
+    "later_contact_cpu": ("100 hosts, later contact, machine CPU during the run", "s", False, None,
+                          "- (what bounds the figure)"),
     # bench.stream (its own 10-host lab): the sync API's one-shot imap and map
     "imap_rate": ("imap over a generator of 10,000,000 ints (baseline: map over a list, 1 M)", "items/s", True,
                   lambda v, r: v >= 500_000, ">= 500,000 items/s"),
@@ -459,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
             runs.add_pair("first_contact", ours, theirs)
         for ours, theirs in zip(c["ours_later"], c["baseline"]):
             runs.add_pair("later_contact", ours, theirs)
+        cpu = extra["contact"]["cpu_runs"]
+        for ours, theirs in zip(cpu["ours_later"], cpu["baseline"]):
+            runs.add_pair("later_contact_cpu", ours, theirs)
     if "stream" in extra:
         c = extra["stream"]["runs"]
         for key, base in (("imap_rate", "plain_rate"), ("journal_rate", "plain_rate")):
