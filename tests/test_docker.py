@@ -112,9 +112,10 @@ for p in os.listdir('/proc'):
 """
 
 
-def leftovers(backend, timeout=5.0) -> dict[str, list[str]]:
+def leftovers(backend, timeout=15.0) -> dict[str, list[str]]:
     """Processes of the login user still running on each host, its sshd sessions included
-    (docker exec opens none)."""
+    (docker exec opens none).  A leak stays for good; the wait is for a loaded CI machine,
+    where a container's sshd child of a closed connection was once still there after 5 s."""
     deadline = time.monotonic() + timeout
     while True:
         if isinstance(backend, DockerLab):
