@@ -38,6 +38,9 @@ from .protocol import (ALL_OK, BYTEARRAY, BYTES, CALL, CONFIG, FATAL, FID, FUNC,
 # imports for itself, it reads just copyreg and _compat_pickle (for _pickle) from the
 # disk: no types, struct or _queue (tests/test_remote.py holds it to that).
 
+_ModuleType = type(sys)  # types.ModuleType, without importing types
+
+
 def _import_pickle():
     """_pickle, without importing functools (and collections, operator, reprlib...) first:
     _pickle's init imports functools only to fetch ``partial``, which _functools provides.
@@ -49,7 +52,7 @@ def _import_pickle():
         return _pickle
     import _functools
 
-    stand_in = type(sys)("functools")
+    stand_in = _ModuleType("functools")
     stand_in.partial = _functools.partial
     sys.modules["functools"] = stand_in
     try:
@@ -811,7 +814,7 @@ def _cp_subimport(name):
 
 
 def _cp_dynamic_subimport(name, vars):
-    mod = type(sys)(name)
+    mod = _ModuleType(name)
     mod.__dict__.update(vars)
     mod.__dict__["__builtins__"] = builtins.__dict__
     return mod
@@ -868,7 +871,7 @@ _BUILTIN_TYPES = {
     "CodeType": type(_cp_subimport.__code__),
     "FunctionType": _FunctionType,
     "CellType": type(_cp_make_empty_cell()),
-    "ModuleType": type(sys),
+    "ModuleType": _ModuleType,
 }
 
 _LIGHT = {
