@@ -15,7 +15,7 @@ import time
 import cloudpickle
 import pytest
 
-from sshjobs.remote import PROVISION, SOURCES, STUB, TAG, WORKER, protocol
+from sshjobs.remote import PROVISION, SOURCES, STUB, TAG, WORKER, header_line, protocol
 from sshjobs.worker import _cloudpickle_sources, decode_results
 
 
@@ -219,8 +219,8 @@ def start_keyed(tmp_path, code=b"", tag=TAG):
     proc = subprocess.Popen(["/usr/bin/python3", "-c", STUB], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     config = {"cloudpickle": cloudpickle.__version__, "workdir": wd}
-    line = WORKER.header(wd, code)[8:].replace(TAG.encode(), tag.encode())  # after the line's length
-    proc.stdin.write(b"%08d" % len(line) + line + WORKER.data + code
+    line = WORKER.header(wd, code)[8:-1].decode().replace(TAG, tag)  # the line, without its length and newline
+    proc.stdin.write(header_line(line) + WORKER.data + code
                      + protocol.pack(protocol.CONFIG, 0, pickle.dumps(config, protocol=4)))
     proc.stdin.flush()
     kind, _, body = protocol.read_frame(proc.stdout)

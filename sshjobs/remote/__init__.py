@@ -144,14 +144,19 @@ class Bundle:
         ``code`` nothing compiled is shipped."""
         key, where = (self.key, workdir.encode().hex()) if workdir else ("-", "-")
         size = len(self.data)
-        line = f"{size + len(code)} {size} {key} {where} {TAG if code else '-'} {' '.join(self.names)}\n".encode()
-        return b"%08d" % len(line) + line
+        return header_line(f"{size + len(code)} {size} {key} {where} {TAG if code else '-'} {' '.join(self.names)}")
 
     def start(self, workdir: str | None = None, compiled: bool = True) -> bytes:
         """What the STUB reads from stdin before the program does: header, sources and
         (``compiled``) the controller's code objects, which a host of another TAG ignores."""
         code = self.code if compiled else b""
         return self.header(workdir, code) + self.data + code
+
+
+def header_line(text: str) -> bytes:
+    """A STUB header line as it goes on the wire: its length in 8 digits, then the line."""
+    line = f"{text}\n".encode()
+    return b"%08d" % len(line) + line
 
 
 def code_cache() -> Path:
