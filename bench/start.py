@@ -39,22 +39,22 @@ def _child(argv: list[str], data: bytes, valgrind: bool, replies: int = 0) -> fl
     that many frames came back, as the controller closes it after the last Result."""
     if valgrind:
         argv = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *argv]
-    with tempfile.TemporaryFile() as f:
-        if replies:
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            proc.stdin.write(data)
-            proc.stdin.flush()
-            for _ in range(replies):
-                if protocol.read_frame(proc.stdout) is None:
-                    break
-            proc.stdin.close()
-            proc.stdout.close()
-        else:
+    if replies:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc.stdin.write(data)
+        proc.stdin.flush()
+        for _ in range(replies):
+            if protocol.read_frame(proc.stdout) is None:
+                break
+        proc.stdin.close()
+        proc.stdout.close()
+    else:
+        with tempfile.TemporaryFile() as f:
             f.write(data)
             f.seek(0)
             proc = subprocess.Popen(argv, stdin=f, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        err = proc.stderr.read()
-        _, status, usage = os.wait4(proc.pid, 0)
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
         raise RuntimeError(f"{argv[-3:]} failed: {err[-2000:].decode(errors='replace')}")
     if valgrind:
