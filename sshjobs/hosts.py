@@ -294,7 +294,11 @@ class HostState:
                 log.info("reconnect attempt failed", host=self.name, attempt=attempt, detail=exc.message)
             else:
                 if self.closed:
+                    # Closed while this connection was being made: it is no Cluster's to
+                    # close, so see it closed here, while the loop still runs (a close left
+                    # to the loop's end can leave the socket open, and sshd's session with it).
                     link.close()
+                    await link.wait_closed()
                     return
                 self.link = link
                 self._watch(link)
